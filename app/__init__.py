@@ -1,0 +1,3 @@
+"""vllm-mxext: an OpenAI-compatible inference server with first-class LoRA."""
+
+__version__ = "0.1.0"
