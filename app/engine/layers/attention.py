@@ -1,0 +1,87 @@
+"""Attention over the paged KV cache, for a flat batch whose decode rows come first.
+
+The step's new K/V are written into their cache slots first, then:
+* decode rows (one query token each) attend together: their blocks are gathered into a padded
+  [B, KVH, L, D] view and one masked `scaled_dot_product_attention` serves the whole group, with
+  the query heads of a KV head folded into the query-length axis (GQA without repeating K/V);
+* prefill rows (a chunk of a prompt) attend per sequence: causal over the chunk itself when no
+  earlier tokens are cached, else a mask offset by the tokens already computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class PrefillSlice:
+    start: int  # row range of this sequence's query tokens in the flat batch
+    end: int
+    context_len: int  # tokens of this sequence in the cache after this step
+    block_table: torch.Tensor  # [num_blocks] long
+    mask: torch.Tensor | None  # [q, context_len] bool when part of the context was computed earlier
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long: cache slot of each new token
+    num_decode: int  # rows [0, num_decode) are decode rows
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] long
+    decode_context_lens: list[int]
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None when B == 1
+    prefills: list[PrefillSlice]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Caches are [num_blocks, block_size, KVH, D]; k/v are [T, KVH, D]."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slots, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    group = num_heads // kv_heads
+    out = torch.empty_like(q)
+
+    b = meta.num_decode
+    if b:
+        qd = q[:b].view(b, kv_heads, group, head_dim)
+        tables = meta.decode_block_tables
+        keys = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D]
+        values = v_cache[tables].flatten(1, 2)
+        if b == 1:  # no padding: trim to the context
+            n = meta.decode_context_lens[0]
+            keys, values = keys[:, :n], values[:, :n]
+        o = F.scaled_dot_product_attention(
+            qd, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.decode_mask
+        )
+        out[:b] = o.reshape(b, num_heads, head_dim)
+
+    for p in meta.prefills:
+        qp = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        if p.mask is None:  # the whole context is this step's tokens
+            kp, vp = k[p.start : p.end], v[p.start : p.end]
+        else:
+            kp = k_cache[p.block_table].flatten(0, 1)[: p.context_len]
+            vp = v_cache[p.block_table].flatten(0, 1)[: p.context_len]
+        kp = kp.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        vp = vp.transpose(0, 1).unsqueeze(0)
+        if group > 1:
+            kp = kp.repeat_interleave(group, dim=1)
+            vp = vp.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None)
+        out[p.start : p.end] = o[0].transpose(0, 1)
+    return out
