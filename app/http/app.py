@@ -1,0 +1,71 @@
+"""create_app(): the Litestar app on the in-process AsyncEngine.
+
+The engine loads in the background after start-up (blocking work, off the event loop), so the
+server answers /health 503 while it loads; `create_app_from_env` is the factory for running the
+app under a granian command line (`granian --interface asgi --factory app.http.app:create_app_from_env`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+
+from app.http import routes_health, routes_openai
+from app.http.auth import api_key_middleware
+from app.http.errors import EXCEPTION_HANDLERS
+from app.http.request_id import request_id_middleware
+from app.http.serve_cli import ServeConfig
+from app.http.state import EngineFactory, ServerState
+
+logger = logging.getLogger("app.http")
+
+
+def create_app(config: ServeConfig | None = None, engine_factory: EngineFactory | None = None) -> Litestar:
+    """The app for `config`; `engine_factory` (blocking, config -> engine) replaces the real loader in tests."""
+    config = config or ServeConfig()
+    state = ServerState(config, engine_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        loading = asyncio.ensure_future(state.load())
+        try:
+            yield
+        finally:
+            state.draining = True
+            if not loading.done():
+                await asyncio.wait({loading}, timeout=1.0)
+            await asyncio.to_thread(state.shutdown_engine)
+
+    middleware = [request_id_middleware]
+    if config.api_key:
+        middleware.append(api_key_middleware(config.api_key))
+    app = Litestar(
+        route_handlers=[*routes_health.ROUTES, *routes_openai.ROUTES],
+        lifespan=[lifespan],
+        middleware=middleware,
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="vllm-mxext",
+            version=routes_health.server_version(),
+            description="OpenAI-compatible inference API (vLLM's extras included). Errors: {error: {message, type, param, code}}.",
+            path="/docs",
+        ),
+        logging_config=None,
+    )
+    app.state.server = state
+    return app
+
+
+def create_app_from_env() -> Litestar:
+    """Factory for granian's command line: settings from MXEXT_SERVE_* (see serve_cli.ServeConfig)."""
+    from app.logging import configure_logging
+    from app.settings import get_settings
+
+    configure_logging(get_settings().logging)
+    return create_app(ServeConfig.from_env())

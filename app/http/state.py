@@ -1,0 +1,178 @@
+"""The server's state: the engine (None while loading), what it serves, admission and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from app.http.errors import APIError, unavailable
+from app.http.metrics import ServerMetrics
+from app.http.serve_cli import ServeConfig
+
+logger = logging.getLogger("app.http")
+
+EngineFactory = Callable[[ServeConfig], Any]  # blocking: returns a loaded AsyncEngine
+
+
+def default_model_name(config: ServeConfig) -> str:
+    if config.model:
+        return config.model
+    from app.settings import get_settings
+
+    return get_settings().model
+
+
+def load_engine(config: ServeConfig) -> Any:
+    """Resolve the model through the store and load the AsyncEngine (blocking, seconds)."""
+    from app.engine import AsyncEngine, EngineConfig
+    from app.hub.store import ModelStore
+    from app.settings import get_settings
+
+    name = default_model_name(config)
+    folder = ModelStore(get_settings().store.home).resolve(name)
+    engine_config = EngineConfig(
+        model=str(folder),
+        dtype=config.dtype,
+        device=config.device,
+        quantization=config.quantization,
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        num_kv_blocks=config.num_kv_blocks,
+        kv_cache_bytes=config.kv_cache_memory,
+        enable_prefix_caching=config.enable_prefix_caching,
+        max_waiting=config.max_waiting,
+        num_threads=config.num_threads,
+    )
+    return AsyncEngine.from_config(engine_config)
+
+
+class Admission:
+    """One admitted request; `release()` (idempotent) gives its in-flight slot back."""
+
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._state._release()
+
+
+class ServerState:
+    """What the routes share. Lives on `app.state.server`."""
+
+    def __init__(self, config: ServeConfig, engine_factory: EngineFactory | None = None) -> None:
+        self.config = config
+        model = default_model_name(config)
+        self.served_names: tuple[str, ...] = config.served_model_name or (model,)
+        self.model_name = self.served_names[0]
+        self.model_root = model
+        self.created = int(time.time())
+        self.engine: Any = None
+        self.load_error: str | None = None
+        self.draining = False
+        self.in_flight = 0
+        self.metrics = ServerMetrics(self.model_name, lambda: self.engine)
+        self._engine_factory = engine_factory or load_engine
+        self._idle: asyncio.Event | None = None
+        self.on_fatal: Callable[[str], None] | None = None  # set by the embedded server: exit on load failure
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load the engine off the event loop; /health answers 503 meanwhile."""
+        started = time.monotonic()
+        logger.info("loading model %s", self.model_root)
+        try:
+            engine = await asyncio.to_thread(self._engine_factory, self.config)
+        except Exception as exc:  # noqa: BLE001 - reported on /health and, when embedded, fatal
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("loading model %s failed", self.model_root)
+            if self.on_fatal is not None:
+                self.on_fatal(self.load_error)
+            return
+        if self.draining:  # shut down while loading
+            engine.shutdown()
+            return
+        self.engine = engine
+        logger.info(
+            "model %s ready as %s (max_model_len=%s) in %.1fs",
+            self.model_root, ", ".join(self.served_names), engine.max_model_len, time.monotonic() - started,
+        )  # fmt: skip
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "The server is shutting down"
+        if self.load_error:
+            return f"The model failed to load: {self.load_error}"
+        return "The model is still loading"
+
+    # ---- admission -----------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        """404 unless `name` is one of the served names (an omitted name means the first)."""
+        if name is None or name in self.served_names:
+            return
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist. This server serves: {', '.join(self.served_names)}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def require_engine(self) -> Any:
+        if self.engine is None or self.draining:
+            raise unavailable(f"{self.not_ready_reason()}; retry shortly", retry_after=5)
+        return self.engine
+
+    def admit(self) -> Admission:
+        """Count one generation request in flight, or 503 while loading or draining."""
+        self.require_engine()
+        self.in_flight += 1
+        if self._idle is not None:
+            self._idle.clear()
+        return Admission(self)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    # ---- draining ------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait for in-flight ones; True when all finished in time."""
+        self.draining = True
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        if self.in_flight == 0:
+            self._idle.set()
+        logger.info("draining: %d request(s) in flight, waiting up to %.0fs", self.in_flight, timeout)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            logger.warning("drain timeout: %d request(s) still in flight are aborted", self.in_flight)
+            return False
+
+    def shutdown_engine(self) -> None:
+        self.draining = True
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+
+
+def model_folder(state: ServerState) -> Path | None:
+    engine = state.engine
+    folder = getattr(getattr(engine, "config", None), "model", None)
+    return Path(folder) if folder else None
