@@ -79,6 +79,8 @@ def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
         return "The request body does not match this endpoint's schema; see /openapi.json", None
     message = str(item["message"])
     key = item.get("key")
+    if key == "data" and message == "'data'":  # no body at all
+        return "The request body is empty; send a JSON object", None
     param = None if key in (None, "", "data") else str(key)
     unknown = re.fullmatch(r"Object contains unknown field `(.+)`", message)
     if unknown:
@@ -87,6 +89,9 @@ def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
     if param:
         message = f"{message} at `{param}`"
     return message, param
+
+
+_JSON_ERROR = re.compile(r"^(JSON is malformed|Input data was truncated|Invalid)")
 
 
 def handle_api_error(request: Request, exc: APIError) -> Response[ErrorResponse]:
@@ -102,7 +107,9 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[Erro
         logger.error("HTTP %s on %s %s: %s", status, request.method, request.url.path, exc.detail)
         return Response(error_body(status, "Internal server error"), status_code=status)
     message = str(exc.detail)
-    if status == 413:
+    if status == 400 and (isinstance(exc.__cause__, msgspec.DecodeError) or _JSON_ERROR.match(message)):
+        message = f"The request body is not valid JSON ({message}); send a JSON object"
+    elif status == 413:
         message = f"The request body is too large: {message}. Send a smaller body."
     elif status == 404:
         message = f"No route {request.method} {request.url.path}; see /openapi.json for the routes."

@@ -12,12 +12,7 @@ from app.engine.request import RequestOutput, SamplingParams
 from app.http.errors import APIError, unavailable
 from app.http.metrics import RequestTracker, ServerMetrics
 
-try:  # the engine package is being written alongside; only the error type is needed here
-    from app.engine import QueueFullError
-except ImportError:  # pragma: no cover - until app.engine exports it
-
-    class QueueFullError(Exception):  # type: ignore[no-redef]
-        pass
+from app.engine import EngineDeadError, QueueFullError
 
 
 request_logger = logging.getLogger("app.http.requests")
@@ -60,6 +55,8 @@ def engine_error(exc: BaseException) -> BaseException:
         return unavailable(f"The server is at capacity ({exc}); retry shortly", retry_after=1)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
+    if isinstance(exc, EngineDeadError):
+        return unavailable("The engine has stopped; the server is shutting down", retry_after=5)
     return exc
 
 
@@ -149,6 +146,12 @@ class EngineStreams:
                 self.cached_tokens += output.num_cached_tokens or 0
             yield index, output
 
+    def abort(self) -> None:
+        """Ask the engine to stop what has not finished; the streams then end with finish_reason "abort"."""
+        for index, (request_id, _, _) in enumerate(self._requests):
+            if self._streams[index] is not None and not self._finished[index]:
+                self._engine.abort(request_id)
+
     async def close(self) -> None:
         """Abort what has not finished (idempotent); safe to call from a cancelled task."""
         if self._closed:
@@ -159,15 +162,16 @@ class EngineStreams:
         if self._pumps:
             await asyncio.shield(asyncio.gather(*self._pumps, return_exceptions=True))
         for index, stream in enumerate(self._streams):
-            if stream is None or self._finished[index]:
+            if stream is None:
                 continue
             aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
+            if aclose is not None:  # finished ones too: runs the engine's own cleanup now, not at GC
                 try:
                     await asyncio.shield(aclose())
                 except (Exception, asyncio.CancelledError):  # noqa: BLE001 - aborting anyway
                     pass
-            self._engine.abort(self._requests[index][0])
+            if not self._finished[index]:
+                self._engine.abort(self._requests[index][0])
 
 
 class RequestLog:

@@ -71,6 +71,16 @@ class TokenTexts:
         return self._tokenizer.token_text(token_id)
 
 
+def token_bytes(text: str) -> list[int]:
+    """The UTF-8 bytes of a token's text; "bytes:\\xe4\\xbd" (half a character) gives the raw bytes."""
+    if text.startswith("bytes:"):
+        try:
+            return list(bytes(int(h, 16) for h in text[len("bytes:") :].split("\\x")[1:]))
+        except ValueError:
+            pass
+    return list(text.encode("utf-8"))
+
+
 def _ranked(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
     """The top-k entries of one position, best first."""
     entries = sorted(
@@ -112,12 +122,12 @@ def chat_logprobs(
         top = []
         for t, lp in _ranked(position, k):
             text = texts(t, lp)
-            top.append(TopLogprob(token=text, logprob=_clamp(lp.logprob), bytes=list(text.encode("utf-8"))))
+            top.append(TopLogprob(token=text, logprob=_clamp(lp.logprob), bytes=token_bytes(text)))
         content.append(
             ChatLogprobToken(
                 token=token,
                 logprob=_clamp(sampled.logprob) if sampled else MIN_LOGPROB,
-                bytes=list(token.encode("utf-8")),
+                bytes=token_bytes(token),
                 top_logprobs=top,
             )
         )

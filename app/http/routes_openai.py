@@ -13,6 +13,7 @@ from typing import Any
 
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import JSONBody
 
 from app.http.chat import chat_events, chat_response, prepare_chat, render_chat, template_kwargs, template_messages
 from app.http.completions import (
@@ -97,6 +98,7 @@ async def _generate(
         engine_requests = [(f"{response_id}-{next(_engine_ids)}", ids, params) for ids, params in prompts]
         streams = EngineStreams(state.engine, state.metrics, engine_requests)
         log.streams = streams
+        admission.streams = streams
         await race_disconnect(request.receive, streams.start())
         if stream:
             owned_streams, owned_admission = streams, admission
@@ -135,7 +137,7 @@ async def _generate(
     status_code=200,
     responses=ERROR_RESPONSES,
 )
-async def create_completion(request: Request, data: CompletionRequest) -> CompletionResponse:
+async def create_completion(request: Request, data: JSONBody[CompletionRequest]) -> CompletionResponse:
     state = server_state(request)
     created = int(time.time())
     model = state.model_name if data.model is None else data.model
@@ -167,7 +169,7 @@ async def create_completion(request: Request, data: CompletionRequest) -> Comple
     status_code=200,
     responses=ERROR_RESPONSES,
 )
-async def create_chat_completion(request: Request, data: ChatCompletionRequest) -> ChatCompletionResponse:
+async def create_chat_completion(request: Request, data: JSONBody[ChatCompletionRequest]) -> ChatCompletionResponse:
     state = server_state(request)
     created = int(time.time())
     model = state.model_name if data.model is None else data.model
@@ -192,7 +194,7 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
 
 
 @post("/tokenize", summary="Tokenize a prompt or a chat (as vLLM does)", status_code=200, responses=ERROR_RESPONSES)
-async def tokenize(request: Request, data: TokenizeRequest) -> TokenizeResponse:
+async def tokenize(request: Request, data: JSONBody[TokenizeRequest]) -> TokenizeResponse:
     state = server_state(request)
     state.check_model(data.model)
     engine = state.require_engine()
@@ -222,7 +224,7 @@ async def tokenize(request: Request, data: TokenizeRequest) -> TokenizeResponse:
 
 
 @post("/detokenize", summary="Turn token ids back into text", status_code=200, responses=ERROR_RESPONSES)
-async def detokenize(request: Request, data: DetokenizeRequest) -> DetokenizeResponse:
+async def detokenize(request: Request, data: JSONBody[DetokenizeRequest]) -> DetokenizeResponse:
     state = server_state(request)
     state.check_model(data.model)
     engine = state.require_engine()

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from app.http.errors import APIError, unavailable
@@ -57,11 +56,12 @@ class Admission:
     def __init__(self, state: ServerState) -> None:
         self._state = state
         self._released = False
+        self.streams: Any = None  # the request's EngineStreams, once started (for abort_all)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._state._release()
+            self._state._release(self)
 
 
 class ServerState:
@@ -78,6 +78,7 @@ class ServerState:
         self.load_error: str | None = None
         self.draining = False
         self.in_flight = 0
+        self._admitted: set[Admission] = set()
         self.metrics = ServerMetrics(self.model_name, lambda: self.engine)
         self._engine_factory = engine_factory or load_engine
         self._idle: asyncio.Event | None = None
@@ -141,9 +142,12 @@ class ServerState:
         self.in_flight += 1
         if self._idle is not None:
             self._idle.clear()
-        return Admission(self)
+        admission = Admission(self)
+        self._admitted.add(admission)
+        return admission
 
-    def _release(self) -> None:
+    def _release(self, admission: Admission) -> None:
+        self._admitted.discard(admission)
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
@@ -165,14 +169,14 @@ class ServerState:
             logger.warning("drain timeout: %d request(s) still in flight are aborted", self.in_flight)
             return False
 
+    def abort_all(self) -> None:
+        """Abort every request in flight; their answers end with finish_reason "abort"."""
+        for admission in list(self._admitted):
+            if admission.streams is not None:
+                admission.streams.abort()
+
     def shutdown_engine(self) -> None:
         self.draining = True
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
-
-
-def model_folder(state: ServerState) -> Path | None:
-    engine = state.engine
-    folder = getattr(getattr(engine, "config", None), "model", None)
-    return Path(folder) if folder else None

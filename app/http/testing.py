@@ -8,6 +8,7 @@ back to zero when a request finishes or is aborted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
@@ -15,7 +16,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app.engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SamplingParams
-from app.http.generation import QueueFullError
+from app.engine import QueueFullError
+from app.http.serve_cli import ServeConfig
 
 EOS, BOS, PAD = 0, 1, 2
 SPECIAL = {EOS: "<|eos|>", BOS: "<|bos|>", PAD: "<|pad|>"}
@@ -109,7 +111,9 @@ class FakeEngine:
             step = 0
             while not all(done):
                 await asyncio.sleep(self.step_delay)
-                if request_id in self.aborted:
+                if request_id in self.aborted:  # like the real engine: a last output that says so
+                    aborted = [CompletionOutput(index=i, finish_reason="abort") for i in range(params.n) if not done[i]]
+                    yield RequestOutput(request_id, prompt_token_ids, aborted, finished=True, metrics=metrics)
                     return
                 step += 1
                 if self.fail_after is not None and step > self.fail_after:
@@ -157,3 +161,22 @@ class FakeEngine:
             done[i] = True
             out.finish_reason = "length"
         return out
+
+
+@contextlib.asynccontextmanager
+async def fake_client(
+    config: ServeConfig | None = None, engine: FakeEngine | None = None
+) -> AsyncIterator[tuple[Any, FakeEngine]]:
+    """An httpx client on an app over a FakeEngine, in this event loop (so tests can run requests
+    concurrently and watch the server's state); `client.app` is the Litestar app."""
+    import httpx
+
+    from app.http.app import create_app
+
+    engine = engine or FakeEngine()
+    app = create_app(config or ServeConfig(model="fake"), engine_factory=lambda _: engine)
+    app.state.server.engine = engine  # what the lifespan's background load would do
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client, engine
