@@ -1,0 +1,1 @@
+"""Benchmarks. `python -m bench.offline`: the offline engine throughput/decode benchmark (optionally vs vLLM CPU)."""
