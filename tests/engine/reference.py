@@ -60,7 +60,11 @@ def make_random_model(folder: Path, tokenizer_dir: Path, arch: str = "qwen2", se
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     model.save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, folder / name)
+    copy_tokenizer(tokenizer_dir, folder)
     return folder
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)

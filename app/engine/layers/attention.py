@@ -54,21 +54,13 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
+    b = meta.num_decode
+    if b and not meta.prefills:  # all decode: no scatter into a separate output
+        return _decode_attention(q, k_cache, v_cache, meta, kv_heads)
     out = torch.empty_like(q)
 
-    b = meta.num_decode
     if b:
-        qd = q[:b].view(b, kv_heads, group, head_dim)
-        tables = meta.decode_block_tables
-        keys = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D]
-        values = v_cache[tables].flatten(1, 2)
-        if b == 1:  # no padding: trim to the context
-            n = meta.decode_context_lens[0]
-            keys, values = keys[:, :n], values[:, :n]
-        o = F.scaled_dot_product_attention(
-            qd, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.decode_mask
-        )
-        out[:b] = o.reshape(b, num_heads, head_dim)
+        out[:b] = _decode_attention(q[:b], k_cache, v_cache, meta, kv_heads)
 
     for p in meta.prefills:
         qp = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
@@ -85,3 +77,17 @@ def paged_attention(
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None)
         out[p.start : p.end] = o[0].transpose(0, 1)
     return out
+
+
+def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, kv_heads: int) -> torch.Tensor:
+    """q [B, H, D] of one token per sequence → [B, H, D]."""
+    b, num_heads, head_dim = q.shape
+    qd = q.view(b, kv_heads, num_heads // kv_heads, head_dim)  # query heads of a KV head as rows
+    tables = meta.decode_block_tables
+    keys = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D]
+    values = v_cache[tables].flatten(1, 2)
+    if b == 1:  # no padding: trim to the context
+        n = meta.decode_context_lens[0]
+        keys, values = keys[:, :n], values[:, :n]
+    o = F.scaled_dot_product_attention(qd, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.decode_mask)
+    return o.reshape(b, num_heads, head_dim)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from app.engine.layers.attention import AttentionMetadata, paged_attention
 from app.engine.layers.linear import Linear
 from app.engine.layers.norm import rms_norm
-from app.engine.layers.rotary import RotaryEmbedding
+from app.engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -115,7 +115,7 @@ class DecoderLayer:
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
-    def __call__(self, h, positions, rope, k_cache, v_cache, meta: AttentionMetadata):
+    def __call__(self, h, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         cfg = self.cfg
         x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -123,7 +123,7 @@ class DecoderLayer:
         q = q.view(t, cfg.num_heads, cfg.head_dim)
         k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta)
         h = h + self.o(attn.view(t, self.q_size))
         x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
@@ -173,8 +173,9 @@ class LlamaModel:
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm is NOT applied (see `logits`)."""
         h = self.embed[input_ids]
+        cos, sin = self.rope.lookup(positions)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h = layer(h, positions, self.rope, k_cache, v_cache, meta)
+            h = layer(h, cos, sin, k_cache, v_cache, meta)
         return h
 
     @torch.inference_mode()
