@@ -83,6 +83,12 @@ def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture(scope="session")
+def server_process() -> type[ServerProcess]:
+    """The ServerProcess class, for modules that need a server of their own."""
+    return ServerProcess
+
+
+@pytest.fixture(scope="session")
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
 
