@@ -52,7 +52,7 @@ async def race_disconnect(receive: Receive, work: Awaitable[T]) -> T:
 def engine_error(exc: BaseException) -> BaseException:
     """The API error an engine exception raised before the first output stands for."""
     if isinstance(exc, QueueFullError):
-        return unavailable(f"The server is at capacity ({exc}); retry shortly", retry_after=1)
+        return unavailable(f"The server is at capacity: {exc}", retry_after=1)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
     if isinstance(exc, EngineDeadError):

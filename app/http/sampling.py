@@ -15,6 +15,8 @@ from app.http.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 
 def reject_unsupported(req: _SamplingFields) -> None:
     """400 for parameters we know but do not serve yet: never silently ignore them."""
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options can only be set when stream is true", param="stream_options")
     fmt = req.response_format
     if fmt is not None and fmt.type != "text":
         raise bad_request(

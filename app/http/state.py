@@ -94,7 +94,10 @@ class ServerState:
             engine = await asyncio.to_thread(self._engine_factory, self.config)
         except Exception as exc:  # noqa: BLE001 - reported on /health and, when embedded, fatal
             self.load_error = f"{type(exc).__name__}: {exc}"
-            logger.exception("loading model %s failed", self.model_root)
+            if isinstance(exc, (FileNotFoundError, ValueError)):  # the user's to fix; the message says how
+                logger.error("loading model %s failed: %s", self.model_root, self.load_error)
+            else:
+                logger.exception("loading model %s failed", self.model_root)
             if self.on_fatal is not None:
                 self.on_fatal(self.load_error)
             return

@@ -126,3 +126,10 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(small_server):
     assert in_flight.status == 200 and in_flight.events[-1] == "[DONE]"
     assert in_flight.finish_reasons() == ["length"]
     assert small_server.process.wait(30) == 0
+
+
+def test_a_model_that_cannot_load_exits_1_with_the_reason(tmp_path, server_process):
+    proc = server_process(tmp_path / "no-such-model", tmp_path / "server.log")
+    assert proc.process.wait(120) == 1
+    proc.stop()
+    assert "cannot serve" in proc.log() and "no-such-model" in proc.log()

@@ -56,6 +56,7 @@ BAD_BODIES = [
     (CHAT, {"messages": HI, "min_tokens": 20, "max_tokens": 10}, 400, "min_tokens", None),
     (CHAT, {"messages": HI, "chat_template_kwargs": {"tokenize": True}}, 400, "may not set", None),
     (CHAT, {"messages": HI, "chat_template_kwargs": {"fail": True}}, 400, "chat template", "messages"),
+    (CHAT, {"messages": HI, "stream_options": {"include_usage": True}}, 400, "only be set when stream", "stream_options"),
     (CHAT, {"messages": HI, "model": "gpt-4"}, 404, "does not exist", "model"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "<= 20", "logprobs"),
     (COMPLETIONS, {"prompt": "hi", "n": 17}, 400, "<= 16", "n"),
