@@ -13,6 +13,7 @@ import logging
 import signal
 
 from app.http.serve_cli import ServeConfig
+from app.http.state import EngineFactory
 
 logger = logging.getLogger("app.http")
 
@@ -29,14 +30,15 @@ def run(config: ServeConfig) -> int:
     return asyncio.run(serve(config))
 
 
-async def serve(config: ServeConfig) -> int:
+async def serve(config: ServeConfig, engine_factory: EngineFactory | None = None) -> int:
+    """Serve `config` until SIGTERM/SIGINT; `engine_factory` replaces the real loader in tests."""
     from granian.constants import Interfaces
     from granian.log import LogLevels
     from granian.server.embed import Server
 
     from app.http.app import create_app
 
-    app = create_app(config)
+    app = create_app(config, engine_factory)
     state = app.state.server
     server = Server(
         app,
@@ -85,6 +87,10 @@ async def serve(config: ServeConfig) -> int:
         "serving %s on http://%s:%d (OpenAI API under /v1, docs at /docs)",
         ", ".join(state.served_names), config.host, config.port,
     )  # fmt: skip
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
     logger.info("server stopped")
     return exit_code
