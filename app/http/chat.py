@@ -90,13 +90,21 @@ def template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
             f"chat_template_kwargs may not set {', '.join(clash)}; use the request fields instead",
             param="chat_template_kwargs",
         )
-    if req.continue_final_message:
-        extra["continue_final_message"] = True
     return extra
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, **kwargs: Any) -> str:
-    """The chat template applied; template errors (say, roles out of order) become a 400."""
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    continue_final_message: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The chat template applied; template errors (say, roles out of order) become a 400.
+
+    With `continue_final_message` the text stops right after the last message's content, so the
+    model continues it (what transformers does: templates know nothing of it).
+    """
     try:
         import jinja2
 
@@ -104,9 +112,22 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
     except ImportError:  # pragma: no cover
         template_errors = (ValueError, TypeError, KeyError)
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
     except template_errors as exc:
         raise bad_request(f"The chat template could not render these messages: {exc}", param="messages") from None
+    if continue_final_message:
+        final = messages[-1]["content"]
+        end = text.rfind(final) if final else -1
+        if end < 0 and final.strip():
+            final = final.strip()
+            end = text.rfind(final)
+        if end < 0:
+            raise bad_request(
+                "continue_final_message needs a final message with content the template keeps",
+                param="continue_final_message",
+            )
+        text = text[: end + len(final)]
+    return text
 
 
 async def prepare_chat(engine: Any, req: ChatCompletionRequest) -> PreparedChat:
@@ -116,7 +137,7 @@ async def prepare_chat(engine: Any, req: ChatCompletionRequest) -> PreparedChat:
     size = sum(len(m["content"]) for m in messages)
 
     def encode() -> list[int]:
-        text = render_chat(tokenizer, messages, req.add_generation_prompt, **kwargs)
+        text = render_chat(tokenizer, messages, req.add_generation_prompt, req.continue_final_message, **kwargs)
         return tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
 
     prompt_ids = await off_loop_if_large(size, encode)

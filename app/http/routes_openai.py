@@ -213,7 +213,7 @@ async def tokenize(request: Request, data: JSONBody[TokenizeRequest]) -> Tokeniz
         add_special = bool(data.add_special_tokens)
 
         def encode() -> list[int]:
-            text = render_chat(tokenizer, messages, data.add_generation_prompt, **kwargs)
+            text = render_chat(tokenizer, messages, data.add_generation_prompt, data.continue_final_message, **kwargs)
             return tokenizer.encode(text, add_special_tokens=add_special)
 
         ids = await off_loop_if_large(sum(len(m["content"]) for m in messages), encode)

@@ -115,6 +115,10 @@ def test_tokenize_counts_match_the_tokenizer(http, hf_tokenizer):
     assert answer["max_model_len"] == 1024
     chat = http.post("/tokenize", json={"messages": HELLO}).json()
     assert chat["count"] > answer["count"]
+    ongoing = [*HELLO, {"role": "assistant", "content": "Hello! I am"}]
+    body = {"messages": ongoing, "add_generation_prompt": False, "continue_final_message": True}
+    text = hf_tokenizer.apply_chat_template(ongoing, continue_final_message=True, tokenize=False)
+    assert http.post("/tokenize", json=body).json()["tokens"] == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_vllm_extras_are_honoured(openai_client):

@@ -222,3 +222,10 @@ async def test_abort_all_ends_requests_in_flight_with_abort():
         assert state.in_flight == 0 and not engine.running
         assert response.status_code == 200
         assert response.json()["choices"][0]["finish_reason"] == "abort"
+
+
+async def test_continue_final_message_ends_the_prompt_inside_that_message(client):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once upon"}]
+    body = {"messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    tokens = (await client.post("/tokenize", json=body)).json()["tokens"]
+    assert bytes(t - 3 for t in tokens).decode().endswith("<assistant>Once upon")
