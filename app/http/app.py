@@ -41,13 +41,9 @@ def create_app(config: ServeConfig | None = None, engine_factory: EngineFactory 
                 await asyncio.wait({loading}, timeout=1.0)
             await asyncio.to_thread(state.shutdown_engine)
 
-    middleware = [request_id_middleware]
-    if config.api_key:
-        middleware.append(api_key_middleware(config.api_key))
     app = Litestar(
         route_handlers=[*routes_health.ROUTES, *routes_openai.ROUTES],
         lifespan=[lifespan],
-        middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.max_body_bytes,
         openapi_config=OpenAPIConfig(
@@ -59,6 +55,11 @@ def create_app(config: ServeConfig | None = None, engine_factory: EngineFactory 
         logging_config=None,
     )
     app.state.server = state
+    # Around Litestar's whole handler, not per route: unknown paths get the id (and the key check) too.
+    handler = app.asgi_handler
+    if config.api_key:
+        handler = api_key_middleware(config.api_key)(handler)
+    app.asgi_handler = request_id_middleware(handler)
     return app
 
 

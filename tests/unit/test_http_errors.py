@@ -92,7 +92,9 @@ async def test_oversized_body_is_413(client):
 
 
 async def test_unknown_route_is_404_in_openai_shape(client):
-    assert_error(await client.get("/v1/nothing"), 404, contains="no route")
+    response = await client.get("/v1/nothing", headers={"X-Request-Id": "lost"})
+    assert_error(response, 404, contains="no route")
+    assert response.headers["x-request-id"] == "lost"
 
 
 async def test_api_key_guards_model_routes_but_not_health():
@@ -101,6 +103,7 @@ async def test_api_key_guards_model_routes_but_not_health():
         wrong = {"Authorization": "Bearer nope"}
         assert_error(await client.post(CHAT, json={"messages": HI}, headers=wrong), 401, contains="incorrect")
         assert_error(await client.post("/tokenize", json={"prompt": "a"}), 401)
+        assert_error(await client.get("/v1/nothing"), 401)
         right = {"Authorization": "Bearer s3cret"}
         assert (await client.get("/v1/models", headers=right)).status_code == 200
         for open_path in ("/health", "/v1/health/live", "/v1/health/ready", "/metrics", "/version", "/openapi.json"):
