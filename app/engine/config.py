@@ -27,6 +27,7 @@ class EngineConfig:
     max_waiting: int = 1024  # the waiting queue's bound: a full queue rejects new requests
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    cpu_kernels: bool = True  # our compiled CPU attention kernel (falls back to PyTorch if it can't build)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -68,6 +68,12 @@ class ModelRunner:
         self.model = LlamaModel(
             self.model_config, folder, self.dtype, self.device, self.int8_max_tokens, max_positions=max_model_len
         )
+        # The CPU decode-attention kernel (compiled once per machine); None on CUDA or without a compiler.
+        self.cpu_kernels = None
+        if self.device.type == "cpu" and config.cpu_kernels:
+            from app.engine.layers import cpu_kernels
+
+            self.cpu_kernels = cpu_kernels.load()
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         cfg = self.model_config
@@ -127,7 +133,10 @@ class ModelRunner:
             tables = [s.seq.block_table[:max_blocks] + [0] * (max_blocks - len(s.seq.block_table[:max_blocks])) for s in decodes]
             meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
             meta.decode_context_lens = ctx
-            if len(decodes) > 1:
+            if self.cpu_kernels is not None:
+                meta.cpu_kernels = self.cpu_kernels
+                meta.decode_context_lens_t = torch.tensor(ctx, dtype=torch.long)
+            elif len(decodes) > 1:
                 ar = torch.arange(max_blocks * bs, device=dev)
                 meta.decode_mask = (ar[None, :] < torch.tensor(ctx, device=dev)[:, None]).view(len(decodes), 1, 1, -1)
         row = len(decodes)

@@ -33,6 +33,8 @@ class AttentionMetadata:
     decode_context_lens: list[int]
     decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None when B == 1
     prefills: list[PrefillSlice]
+    decode_context_lens_t: torch.Tensor | None = None  # [B] long, for the CPU kernel
+    cpu_kernels: object | None = None  # the compiled CPU kernel module, when in use
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -82,6 +84,10 @@ def paged_attention(
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, kv_heads: int) -> torch.Tensor:
     """q [B, H, D] of one token per sequence → [B, H, D]."""
     b, num_heads, head_dim = q.shape
+    if meta.cpu_kernels is not None:  # reads the blocks in place: no gathered copy
+        return meta.cpu_kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens_t, head_dim**-0.5
+        )
     qd = q.view(b, kv_heads, num_heads // kv_heads, head_dim)  # query heads of a KV head as rows
     tables = meta.decode_block_tables
     keys = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D]
