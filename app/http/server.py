@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+from typing import NoReturn
 
 from app.http.serve_cli import ServeConfig
 from app.http.state import EngineFactory
@@ -21,13 +24,19 @@ logger = logging.getLogger("app.http")
 ABORT_FLUSH_SECONDS = 2.0
 
 
-def run(config: ServeConfig) -> int:
-    """Serve until a signal; the exit status (0 on a clean shutdown, 1 when the model failed to load)."""
+def run(config: ServeConfig) -> NoReturn:
+    """Serve until a signal, then exit: 0 after a clean shutdown, 1 when the model failed to load."""
     from app.logging import configure_logging
     from app.settings import get_settings
 
     configure_logging(get_settings().logging)
-    return asyncio.run(serve(config))
+    exit_code = asyncio.run(serve(config))
+    # Leave without interpreter teardown: granian's Rust threads can panic (and abort the process)
+    # when Python finalizes under them, turning a clean shutdown into SIGABRT. All is done by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 async def serve(config: ServeConfig, engine_factory: EngineFactory | None = None) -> int:

@@ -157,3 +157,16 @@ def test_open_routes_answer_without_a_key(server, path):
     import httpx
 
     assert httpx.get(server.base_url + path, timeout=10).status_code == 200
+
+
+def test_metrics_count_what_was_served(http):
+    text = http.get("/metrics").text
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:request_queue_time_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total"):
+        line = next((ln for ln in text.splitlines() if ln.startswith(name + '{model_name="smollm2"}')), None)
+        assert line is not None and float(line.split()[-1]) > 0, name
+    assert 'vllm:request_success_total{finished_reason="length",model_name="smollm2"}' in text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:num_preemptions_total", "vllm:prefix_cache_hits_total"):
+        assert name + '{model_name="smollm2"}' in text, name
