@@ -17,12 +17,12 @@ class EngineConfig:
     # `auto` picks it on CPU, where decode is memory-bound; never on CUDA.
     quantization: str = "none"
     max_model_len: int | None = None  # None: the model's own limit, capped at 8192
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     # KV cache size: an explicit block count wins; else a memory budget in bytes.
     num_kv_blocks: int | None = None
-    kv_cache_bytes: int = 512 * 1024 * 1024
+    kv_cache_bytes: int = 2 * 1024**3
     enable_prefix_caching: bool = True
     max_waiting: int = 1024  # the waiting queue's bound: a full queue rejects new requests
     seed: int = 0

@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Steps of at most this many rows use the int8 weights (measured on this project's CPU, see
-# docs/BENCHMARKS.md): beyond it the dense bf16 product on the matrix units is faster.
-INT8_MAX_TOKENS = 8
+# docs/BENCHMARKS.md): beyond it the packed bf16 product is as fast or faster.
+INT8_MAX_TOKENS = 2
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -65,21 +65,23 @@ class ModelRunner:
         self.int8_max_tokens = resolve_int8_max_tokens(config.quantization, self.device, self.dtype)
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        self.model = LlamaModel(
-            self.model_config, folder, self.dtype, self.device, self.int8_max_tokens, max_positions=max_model_len
-        )
-        # The CPU decode-attention kernel (compiled once per machine); None on CUDA or without a compiler.
+        # Our CPU kernels (compiled once per machine); None on CUDA or without a compiler.
         self.cpu_kernels = None
-        if self.device.type == "cpu" and config.cpu_kernels:
+        if self.device.type == "cpu" and config.cpu_kernels and config.block_size == 16:
             from app.engine.layers import cpu_kernels
 
             self.cpu_kernels = cpu_kernels.load()
+        self.model = LlamaModel(
+            self.model_config, folder, self.dtype, self.device, self.int8_max_tokens,
+            max_positions=max_model_len, kernels=self.cpu_kernels,
+        )
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         cfg = self.model_config
-        shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        k_shape = (self.num_blocks, cfg.num_kv_heads, cfg.head_dim, self.block_size)  # see layers/attention.py
+        v_shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(k_shape, dtype=self.dtype, device=self.device), torch.zeros(v_shape, dtype=self.dtype, device=self.device))
             for _ in range(cfg.num_layers)
         ]
         log.info(

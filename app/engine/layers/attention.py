@@ -1,5 +1,8 @@
 """Attention over the paged KV cache, for a flat batch whose decode rows come first.
 
+Cache layout per layer: K is [num_blocks, KVH, D, block] (transposed within a block, so the CPU
+kernel computes q·k for a whole block with 16-wide vector FMAs), V is [num_blocks, block, KVH, D].
+
 The step's new K/V are written into their cache slots first, then:
 * decode rows (one query token each) attend together: their blocks are gathered into a padded
   [B, KVH, L, D] view and one masked `scaled_dot_product_attention` serves the whole group, with
@@ -27,7 +30,7 @@ class PrefillSlice:
 
 @dataclasses.dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] long: cache slot of each new token
+    slot_mapping: torch.Tensor  # [T] long: cache slot (block * block_size + offset) of each new token
     num_decode: int  # rows [0, num_decode) are decode rows
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] long
     decode_context_lens: list[int]
@@ -38,10 +41,16 @@ class AttentionMetadata:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Caches are [num_blocks, block_size, KVH, D]; k/v are [T, KVH, D]."""
-    kvh, d = k.shape[1], k.shape[2]
-    k_cache.view(-1, kvh, d).index_copy_(0, slots, k)
+    """k/v are [T, KVH, D], written at their slots (K transposed within its block)."""
+    kvh, d = v.shape[1], v.shape[2]
+    block = v_cache.shape[1]
+    k_cache[slots // block, :, :, slots % block] = k
     v_cache.view(-1, kvh, d).index_copy_(0, slots, v)
+
+
+def k_by_token(k_blocks: torch.Tensor) -> torch.Tensor:
+    """[..., KVH, D, block] K blocks viewed as [..., block, KVH, D], like V."""
+    return k_blocks.movedim(-1, -3)
 
 
 def paged_attention(
@@ -69,7 +78,7 @@ def paged_attention(
         if p.mask is None:  # the whole context is this step's tokens
             kp, vp = k[p.start : p.end], v[p.start : p.end]
         else:
-            kp = k_cache[p.block_table].flatten(0, 1)[: p.context_len]
+            kp = k_by_token(k_cache[p.block_table]).flatten(0, 1)[: p.context_len]
             vp = v_cache[p.block_table].flatten(0, 1)[: p.context_len]
         kp = kp.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
         vp = vp.transpose(0, 1).unsqueeze(0)
@@ -90,7 +99,7 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, kv_heads: in
         )
     qd = q.view(b, kv_heads, num_heads // kv_heads, head_dim)  # query heads of a KV head as rows
     tables = meta.decode_block_tables
-    keys = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D]
+    keys = k_by_token(k_cache[tables]).flatten(1, 2)  # [B, L, KVH, D]
     values = v_cache[tables].flatten(1, 2)
     if b == 1:  # no padding: trim to the context
         n = meta.decode_context_lens[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "elementwise.cpp")]
 
 
 def _arch_flags() -> list[str]:
@@ -35,9 +35,11 @@ def load():
     try:
         import torch.utils.cpp_extension as ext
 
-        flags = ["-O3", "-ffast-math", "-fno-finite-math-only", *_arch_flags()]
-        digest = hashlib.sha1((_SOURCE.read_text() + " ".join(flags)).encode()).hexdigest()[:12]
-        return ext.load(name=f"mxext_cpu_{digest}", sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
+        flags = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp", *_arch_flags()]
+        text = "".join(p.read_text() for p in _SOURCES) + " ".join(flags)
+        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+        return ext.load(name=f"mxext_cpu_{digest}", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers: stay correct, just slower
         log.warning("CPU attention kernel unavailable (%s); using the PyTorch fallback", exc)
         return None

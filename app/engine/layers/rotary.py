@@ -49,12 +49,13 @@ class RotaryEmbedding:
         self.sin = emb.sin().to(dtype).to(device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for a step's positions, shaped [T, 1, D] to broadcast over heads (once per step)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos/sin rows [T, D] for a step's positions (looked up once per step, not per layer)."""
+        return self.cos[positions], self.sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by the step's cos/sin [T, 1, D]."""
+    """x [T, heads, D] rotated by the step's cos/sin [T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + _rotate_half(x) * sin
 
 

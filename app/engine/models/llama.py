@@ -103,38 +103,46 @@ class WeightReader:
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], int8_max_tokens: int) -> None:
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], int8_max_tokens: int, kernels=None) -> None:
         self.cfg = cfg
+        self.kernels = kernels  # fused CPU kernels for bf16/fp16 (None: plain PyTorch ops)
         bias = torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]) if cfg.qkv_bias else None
-        self.qkv = Linear(torch.cat([w["q"], w["k"], w["v"]]), bias, int8_max_tokens)
-        self.o = Linear(w["o"], None, int8_max_tokens)
-        self.gate_up = Linear(torch.cat([w["gate"], w["up"]]), None, int8_max_tokens)
-        self.down = Linear(w["down"], None, int8_max_tokens)
+        pack = kernels is not None and w["q"].dtype == torch.bfloat16  # the CPU fast path
+        self.qkv = Linear(torch.cat([w["q"], w["k"], w["v"]]), bias, int8_max_tokens, pack)
+        self.o = Linear(w["o"], None, int8_max_tokens, pack)
+        self.gate_up = Linear(torch.cat([w["gate"], w["up"]]), None, int8_max_tokens, pack)
+        self.down = Linear(w["down"], None, int8_max_tokens, pack)
         self.input_norm = w["input_norm"]
         self.post_norm = w["post_norm"]
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
     def __call__(self, h, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
-        cfg = self.cfg
-        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        t = x.shape[0]
-        q = q.view(t, cfg.num_heads, cfg.head_dim)
-        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cfg, kernels = self.cfg, self.kernels
+        t = h.shape[0]
+        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps, kernels)
+        qkv = self.qkv(x).view(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+        rotated = cfg.num_heads + cfg.num_kv_heads  # q and k heads sit side by side: rotate them together
+        if kernels is not None:
+            kernels.rope_(qkv, cos, sin, rotated)
+            qk = qkv
+        else:
+            qk = apply_rotary(qkv[:, :rotated], cos, sin)
+        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads : rotated]
+        v = qkv[:, rotated:]
         attn = paged_attention(q, k, v, k_cache, v_cache, meta)
         h = h + self.o(attn.view(t, self.q_size))
-        x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
+        x = rms_norm(h, self.post_norm, cfg.rms_norm_eps, kernels)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return h + self.down(F.silu(gate) * up)
 
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, folder: Path, dtype: torch.dtype, device: torch.device,
-                 int8_max_tokens: int = 0, max_positions: int | None = None) -> None:
+                 int8_max_tokens: int = 0, max_positions: int | None = None, kernels=None) -> None:
         self.cfg = cfg
+        # float32 keeps PyTorch's ops, whose rounding the reference shares (token-exact tests).
+        self.kernels = kernels if dtype != torch.float32 else None
         self.dtype = dtype
         self.device = device
         reader = WeightReader(folder)
@@ -160,10 +168,10 @@ class LlamaModel:
             if cfg.qkv_bias:
                 for n in ("q", "k", "v"):
                     w[n + "_bias"] = get(p + f"self_attn.{n}_proj.bias")
-            self.layers.append(DecoderLayer(cfg, w, int8_max_tokens))
+            self.layers.append(DecoderLayer(cfg, w, int8_max_tokens, self.kernels))
         self.norm = get("model.norm.weight")
         head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in reader else get("lm_head.weight")
-        self.lm_head = Linear(head, None, int8_max_tokens)
+        self.lm_head = Linear(head, None, int8_max_tokens, self.kernels is not None and dtype == torch.bfloat16)
         self.rope = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, dtype, device
         )
@@ -181,5 +189,5 @@ class LlamaModel:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[S, hidden] rows to sample from → float32 logits [S, vocab]."""
-        x = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
+        x = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps, self.kernels)
         return self.lm_head(x).float()
