@@ -82,10 +82,7 @@ def paged_attention(
             vp = v_cache[p.block_table].flatten(0, 1)[: p.context_len]
         kp = kp.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
         vp = vp.transpose(0, 1).unsqueeze(0)
-        if group > 1:
-            kp = kp.repeat_interleave(group, dim=1)
-            vp = vp.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=group > 1)
         out[p.start : p.end] = o[0].transpose(0, 1)
     return out
 

@@ -2,8 +2,8 @@
 //
 // One query token per sequence attends to its first ctx_len cached tokens, read in place through
 // the block table: no gathered copy of K/V is made (on 2 cores that copy cost more than the
-// attention itself). One task per sequence; accumulation in float32 with several independent
-// vector accumulators, so FMA latency does not serialise the loops.
+// attention itself). One task per sequence; accumulation in float32 in registers, each K/V row
+// widened once and shared by the query heads of its KV head.
 //
 // Layouts: K [num_blocks, KVH, D, 16] (transposed within a block: q·k for 16 tokens is 16-wide
 // FMAs, no horizontal sums); V [num_blocks, 16, KVH, D] (p·v accumulates along d).
@@ -40,13 +40,13 @@ inline v16 load16(const at::Half* p) {
   return load16(f);
 }
 
-template <typename T>
+// G: query heads per KV head, a compile-time constant so each accumulator array lives in registers.
+template <typename T, int G>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& context_lens,
                            at::Tensor& out, double scale) {
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1);
-  const int64_t group = num_heads / kv_heads;
   const int64_t max_blocks = block_tables.size(1);
   const int64_t v_row = kv_heads * head_dim;
   const int64_t chunks = head_dim / 16;
@@ -69,51 +69,71 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       for (int64_t i = 0; i < num_heads * head_dim; ++i)
         qf[i] = static_cast<float>(qp[b * num_heads * head_dim + i]) * fscale;
 
-      // scores[hq][j] = q_hq · k_j, a block of 16 tokens at a time.
-      for (int64_t i = 0; i < nblocks; ++i) {
-        for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const float* qh = qf.data() + h * G * head_dim;  // the G query heads of KV head h
+        // scores = q · k for 16 tokens at a time: each K row is widened once and feeds G FMAs;
+        // two d-chains per head keep 2G independent accumulators in flight.
+        for (int64_t i = 0; i < nblocks; ++i) {
           const T* kb = kp + (table[i] * kv_heads + h) * head_dim * kBlock;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t hq = h * group + g;
-            const float* qh = qf.data() + hq * head_dim;
-            v16 acc[8] = {};
-            int64_t d = 0;
-            for (; d + 8 <= head_dim; d += 8)
-              for (int u = 0; u < 8; ++u) acc[u] += qh[d + u] * load16(kb + (d + u) * kBlock);
-            for (; d < head_dim; ++d) acc[0] += qh[d] * load16(kb + d * kBlock);
-            const v16 sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-            std::memcpy(scores.data() + hq * stride + i * kBlock, &sum, sizeof(sum));
+          v16 acc[G][2] = {};
+          for (int64_t d = 0; d < head_dim; d += 2) {
+            const v16 k0 = load16(kb + d * kBlock), k1 = load16(kb + (d + 1) * kBlock);
+            for (int g = 0; g < G; ++g) {
+              acc[g][0] += qh[g * head_dim + d] * k0;
+              acc[g][1] += qh[g * head_dim + d + 1] * k1;
+            }
+          }
+          for (int g = 0; g < G; ++g) {
+            const v16 sum = acc[g][0] + acc[g][1];
+            std::memcpy(scores.data() + (h * G + g) * stride + i * kBlock, &sum, sizeof(sum));
+          }
+        }
+        // softmax over the first `len` scores of each of the G heads.
+        for (int g = 0; g < G; ++g) {
+          float* sg = scores.data() + (h * G + g) * stride;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < len; ++j) mx = sg[j] > mx ? sg[j] : mx;
+          float sum = 0.f;
+          for (int64_t j = 0; j < len; ++j) { sg[j] = std::exp(sg[j] - mx); sum += sg[j]; }
+          const float inv = 1.f / sum;
+          for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
+        }
+        // out = p · v, 4 chunks of 16 dims at a time: each V chunk is widened once for G heads.
+        for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+          const int64_t nc = chunks - c0 < 4 ? chunks - c0 : 4;
+          v16 acc[G][4] = {};
+          for (int64_t j = 0; j < len; ++j) {
+            const T* v = vp + (table[j / kBlock] * kBlock + j % kBlock) * v_row + h * head_dim + c0 * 16;
+            for (int64_t c = 0; c < nc; ++c) {
+              const v16 vv = load16(v + c * 16);
+              for (int g = 0; g < G; ++g) acc[g][c] += scores[(h * G + g) * stride + j] * vv;
+            }
+          }
+          for (int g = 0; g < G; ++g) {
+            T* o = op + (b * num_heads + h * G + g) * head_dim + c0 * 16;
+            for (int64_t c = 0; c < nc; ++c)
+              for (int u = 0; u < 16; ++u) o[c * 16 + u] = static_cast<T>(acc[g][c][u]);
           }
         }
       }
-
-      // softmax over the first `len` scores of each head.
-      for (int64_t hq = 0; hq < num_heads; ++hq) {
-        float* sg = scores.data() + hq * stride;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) mx = sg[j] > mx ? sg[j] : mx;
-        float sum = 0.f;
-        for (int64_t j = 0; j < len; ++j) { sg[j] = std::exp(sg[j] - mx); sum += sg[j]; }
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
-      }
-
-      // out[hq] = sum_j p[hq][j] v_j, the head's accumulator held in registers over all tokens.
-      for (int64_t hq = 0; hq < num_heads; ++hq) {
-        const int64_t h = hq / group;
-        const float* sg = scores.data() + hq * stride;
-        v16 acc[kMaxHeadDim / 16] = {};
-        for (int64_t j = 0; j < len; ++j) {
-          const T* v = vp + (table[j / kBlock] * kBlock + j % kBlock) * v_row + h * head_dim;
-          const float p = sg[j];
-          for (int64_t c = 0; c < chunks; ++c) acc[c] += p * load16(v + c * 16);
-        }
-        T* o = op + (b * num_heads + hq) * head_dim;
-        for (int64_t c = 0; c < chunks; ++c)
-          for (int u = 0; u < 16; ++u) o[c * 16 + u] = static_cast<T>(acc[c][u]);
-      }
     }
   });
+}
+
+template <typename T>
+void decode_attention_dispatch(int64_t group, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& tables, const at::Tensor& lens, at::Tensor& out, double scale) {
+  switch (group) {
+    case 1: decode_attention_impl<T, 1>(q, k, v, tables, lens, out, scale); break;
+    case 2: decode_attention_impl<T, 2>(q, k, v, tables, lens, out, scale); break;
+    case 3: decode_attention_impl<T, 3>(q, k, v, tables, lens, out, scale); break;
+    case 4: decode_attention_impl<T, 4>(q, k, v, tables, lens, out, scale); break;
+    case 5: decode_attention_impl<T, 5>(q, k, v, tables, lens, out, scale); break;
+    case 6: decode_attention_impl<T, 6>(q, k, v, tables, lens, out, scale); break;
+    case 7: decode_attention_impl<T, 7>(q, k, v, tables, lens, out, scale); break;
+    case 8: decode_attention_impl<T, 8>(q, k, v, tables, lens, out, scale); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: at most 8 query heads per KV head");
+  }
 }
 
 }  // namespace
@@ -132,10 +152,12 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
   auto out = at::empty_like(q);
+  const int64_t group = q.size(1) / k_cache.size(1);
+  TORCH_CHECK(group * k_cache.size(1) == q.size(1), "heads must be a multiple of KV heads");
   switch (q.scalar_type()) {
-    case at::kFloat: decode_attention_impl<float>(q, k_cache, v_cache, block_tables, context_lens, out, scale); break;
-    case at::kBFloat16: decode_attention_impl<at::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, out, scale); break;
-    case at::kHalf: decode_attention_impl<at::Half>(q, k_cache, v_cache, block_tables, context_lens, out, scale); break;
+    case at::kFloat: decode_attention_dispatch<float>(group, q, k_cache, v_cache, block_tables, context_lens, out, scale); break;
+    case at::kBFloat16: decode_attention_dispatch<at::BFloat16>(group, q, k_cache, v_cache, block_tables, context_lens, out, scale); break;
+    case at::kHalf: decode_attention_dispatch<at::Half>(group, q, k_cache, v_cache, block_tables, context_lens, out, scale); break;
     default: TORCH_CHECK(false, "unsupported dtype");
   }
   return out;
