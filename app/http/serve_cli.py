@@ -41,9 +41,9 @@ class ServeConfig:
     max_model_len: int | None = None
     api_key: str | None = None
     shutdown_timeout: float = 30.0
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
-    kv_cache_memory: int = 512 << 20
+    kv_cache_memory: int = 2 << 30  # as EngineConfig: room for ~90k tokens of SmolLM2
     num_kv_blocks: int | None = None
     max_waiting: int = 1024
     quantization: str = "auto"

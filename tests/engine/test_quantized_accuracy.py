@@ -23,7 +23,7 @@ def _prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     cfg = model.cfg
     n = len(ids)
     blocks = -(-n // 16)
-    caches = [(torch.zeros(blocks, 16, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype),
+    caches = [(torch.zeros(blocks, cfg.num_kv_heads, cfg.head_dim, 16, dtype=model.dtype),
                torch.zeros(blocks, 16, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype)) for _ in range(cfg.num_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decode=0, decode_block_tables=None,
                              decode_context_lens=[], decode_mask=None,

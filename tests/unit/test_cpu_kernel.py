@@ -17,7 +17,7 @@ def test_kernel_matches_gathered_sdpa(dtype, tol, heads, kv_heads):
         pytest.skip("no C++ compiler here")
     torch.manual_seed(heads * 10 + kv_heads)
     num_blocks, block, dim, batch = 64, 16, 64, 5
-    k_cache = torch.randn(num_blocks, block, kv_heads, dim).to(dtype)
+    k_cache = torch.randn(num_blocks, kv_heads, dim, block).to(dtype)
     v_cache = torch.randn(num_blocks, block, kv_heads, dim).to(dtype)
     lens = [1, 17, 33, 100, 64]
     max_blocks = max(-(-n // block) for n in lens)
