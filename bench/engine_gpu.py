@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="print the top ops of 16 batch-1 decode steps")
     args = ap.parse_args()
     from app.engine import LLM, SamplingParams
 
@@ -51,6 +52,11 @@ def main() -> None:
         llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=129, ignore_eos=True))
         t129 = time.perf_counter() - t
         print(f"batch-1 decode: {128 / (t129 - t1):.1f} tokens/s")
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         prompts = [[1000 + (i * 7 + j) % 30000 for j in range(256)] for i in range(args.batch)]
         t = time.perf_counter()
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True))
