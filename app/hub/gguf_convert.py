@@ -106,9 +106,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bflo
 
 
 def source_fingerprint(gguf_path: Path) -> dict[str, Any]:
-    """What identifies a GGUF for the store's "is the cached conversion still current?" check."""
-    st = gguf_path.stat()
-    return {"source": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What identifies a GGUF for the store's "is the cached conversion still current?" check.
+
+    Content, not path or mtime: the same package installed into another virtualenv (a fresh clone,
+    CI) is the same model and must not trigger a reconversion. Size plus a hash of the first and
+    last MiB is cheap and tells any two GGUF files apart in practice.
+    """
+    import hashlib
+
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as fh:
+        digest.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        digest.update(fh.read(1 << 20))
+    return {"source": str(gguf_path), "size": size, "sample_sha256": digest.hexdigest()}
 
 
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:

@@ -121,15 +121,17 @@ class ModelStore:
         """
         if not (folder / "config.json").is_file():
             return False
+        from app.hub.gguf_convert import source_fingerprint
+
         try:
             prov = json.loads((folder / "conversion.json").read_text(encoding="utf-8"))
-            st = gguf_path.stat()
+            current = source_fingerprint(gguf_path)
         except (OSError, ValueError):
             return False
         return (
             prov.get("converter_version") == CONVERTER_VERSION
-            and prov.get("size") == st.st_size
-            and prov.get("mtime_ns") == st.st_mtime_ns
+            and prov.get("size") == current["size"]
+            and prov.get("sample_sha256") == current["sample_sha256"]
         )
 
     @contextlib.contextmanager

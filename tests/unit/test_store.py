@@ -17,9 +17,9 @@ from app.hub import store as store_mod
 from app.hub.store import DEFAULT_MODEL, ModelStore, embedded_gguf
 
 
-def write_tiny_gguf(path: Path) -> Path:
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     """A 2-layer random Llama as an F32 GGUF (the q/k permutation does not matter for the store)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -105,8 +105,13 @@ def test_gguf_path_converts_once_and_reconverts_when_the_file_changes(tmp_path: 
     assert store.resolve(str(gguf_file), progress=False) == folder
     assert store.resolve("tiny-model") == folder
     assert counter.calls == 1
+    # Same content with a new mtime (the package reinstalled in another virtualenv): no reconversion.
     st = gguf_file.stat()
     os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    store.resolve(str(gguf_file), progress=False)
+    assert counter.calls == 1
+    # Different weights under the same name: reconverted.
+    write_tiny_gguf(gguf_file, seed=1)
     store.resolve(str(gguf_file), progress=False)
     assert counter.calls == 2
     assert store.list_models() == ["tiny-model"]
