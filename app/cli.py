@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     if serve_cli is not None:
         serve_cli.add_parser(sub)
 
+    from app import lora_cli
+
+    lora_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

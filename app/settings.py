@@ -69,10 +69,55 @@ class StoreSettings:
         return cls(home=Path(os.environ.get("MXEXT_HOME") or "~/.cache/mxext").expanduser())
 
 
+def _env_positive(name: str, default: int) -> int:
+    value = _env_int(name, default)
+    if value < 1:
+        raise ValueError(f"{name}={value}: must be at least 1")
+    return value
+
+
+def _env_roots(name: str) -> tuple[Path, ...]:
+    raw = os.environ.get(name) or ""
+    return tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """LoRA serving limits and switches. Precedence: flags > environment > LoRA config file > defaults."""
+
+    max_gpu_loras: int = 8  # adapters resident on the device at once -> EngineConfig.max_loras
+    max_cpu_loras: int = 16  # adapters kept in host memory -> EngineConfig.max_cpu_loras
+    max_lora_rank: int = 32  # -> EngineConfig.max_lora_rank
+    allow_runtime_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    admin_key: str | None = None  # when set, the runtime-updating routes need it
+    roots: tuple[Path, ...] = ()  # extra folders adapters may be loaded from (added to the store's)
+
+    def __post_init__(self) -> None:
+        for name in ("max_gpu_loras", "max_cpu_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_env(cls, base: LoraSettings | None = None) -> LoraSettings:
+        """The environment's values over `base` (the LoRA config file's, else the defaults)."""
+        base = base or cls()
+        # VLLM_MAX_LORAS (vLLM's name) is an alias; MIM_MAX_GPU_LORAS wins when both are set.
+        gpu_var = "MIM_MAX_GPU_LORAS" if os.environ.get("MIM_MAX_GPU_LORAS", "").strip() else "VLLM_MAX_LORAS"
+        return cls(
+            max_gpu_loras=_env_positive(gpu_var, base.max_gpu_loras),
+            max_cpu_loras=_env_positive("MIM_MAX_CPU_LORAS", base.max_cpu_loras),
+            max_lora_rank=_env_positive("VLLM_MAX_LORA_RANK", base.max_lora_rank),
+            allow_runtime_updating=_env_bool("VLLM_ALLOW_RUNTIME_LORA_UPDATING", base.allow_runtime_updating),
+            admin_key=os.environ.get("VLLM_MXEXT_ADMIN_KEY") or base.admin_key,
+            roots=tuple(dict.fromkeys((*base.roots, *_env_roots("VLLM_MXEXT_LORA_ROOTS")))),
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
     # The model served when none is named: MIM_MODEL_NAME (the seed's variable) or the default.
     model: str = DEFAULT_MODEL
 
@@ -81,6 +126,7 @@ class Settings:
         return cls(
             logging=LoggingSettings.from_env(),
             store=StoreSettings.from_env(),
+            lora=LoraSettings.from_env(),
             model=os.environ.get("MIM_MODEL_NAME") or DEFAULT_MODEL,
         )
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
-from app.http import routes_health, routes_openai
+from app.http import routes_health, routes_lora, routes_openai
 from app.http.auth import api_key_middleware
 from app.http.errors import EXCEPTION_HANDLERS
 from app.http.request_id import request_id_middleware
@@ -42,7 +42,7 @@ def create_app(config: ServeConfig | None = None, engine_factory: EngineFactory 
             await asyncio.to_thread(state.shutdown_engine)
 
     app = Litestar(
-        route_handlers=[*routes_health.ROUTES, *routes_openai.ROUTES],
+        route_handlers=[*routes_health.ROUTES, *routes_openai.ROUTES, *routes_lora.ROUTES],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.max_body_bytes,
@@ -57,8 +57,9 @@ def create_app(config: ServeConfig | None = None, engine_factory: EngineFactory 
     app.state.server = state
     # Around Litestar's whole handler, not per route: unknown paths get the id (and the key check) too.
     handler = app.asgi_handler
-    if config.api_key:
-        handler = api_key_middleware(config.api_key)(handler)
+    admin_key = state.lora.settings.admin_key
+    if config.api_key or admin_key:
+        handler = api_key_middleware(config.api_key, admin_key)(handler)
     app.asgi_handler = request_id_middleware(handler)
     return app
 

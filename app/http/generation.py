@@ -80,8 +80,10 @@ class EngineStreams:
         engine: Any,
         metrics: ServerMetrics,
         requests: list[tuple[str, list[int], SamplingParams]],
+        lora_name: str | None = None,
     ) -> None:
         self._engine = engine
+        self._lora_name = lora_name
         self._requests = requests
         self._streams: list[Any] = [None] * len(requests)
         self._finished = [False] * len(requests)
@@ -100,7 +102,10 @@ class EngineStreams:
 
     async def _open(self, index: int) -> RequestOutput:
         request_id, prompt_ids, params = self._requests[index]
-        stream = self._engine.generate(prompt_ids, params, request_id)
+        if self._lora_name is None:
+            stream = self._engine.generate(prompt_ids, params, request_id)
+        else:
+            stream = self._engine.generate(prompt_ids, params, request_id, lora_name=self._lora_name)
         self._streams[index] = stream
         try:
             return await stream.__anext__()

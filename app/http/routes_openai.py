@@ -60,7 +60,7 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-@get("/v1/models", summary="List the served models", responses=ERROR_RESPONSES)
+@get("/v1/models", summary="List the served models and the loaded LoRA adapters", responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> ModelList:
     state = server_state(request)
     max_len = state.engine.max_model_len if state.engine is not None else state.config.max_model_len
@@ -68,6 +68,12 @@ async def list_models(request: Request) -> ModelList:
         ModelCard(id=name, created=state.created, root=state.model_root, max_model_len=max_len)
         for name in state.served_names
     ]
+    # As vLLM lists them: the adapter's name, its path as root, the base model as parent.
+    cards += [
+        ModelCard(id=info.name, created=int(info.loaded_at), root=info.path, parent=state.model_name,
+                  max_model_len=max_len)
+        for info in sorted(state.loras(), key=lambda info: info.name)
+    ]  # fmt: skip
     return ModelList(data=cards)
 
 
@@ -91,15 +97,20 @@ async def _generate(
     streams: EngineStreams | None = None
     handed_over = False
     try:
-        state.check_model(model)
+        adapter = log.adapter = state.resolve_model(model)
         admission = state.admit()
         prompts, extra = await prepare(state.engine)
         response_id = f"{prefix}-{rid}"
         engine_requests = [(f"{response_id}-{next(_engine_ids)}", ids, params) for ids, params in prompts]
-        streams = EngineStreams(state.engine, state.metrics, engine_requests)
+        streams = EngineStreams(state.engine, state.metrics, engine_requests, lora_name=adapter)
         log.streams = streams
         admission.streams = streams
-        await race_disconnect(request.receive, streams.start())
+        try:
+            await race_disconnect(request.receive, streams.start())
+        except APIError as exc:
+            if adapter is not None and exc.status == 400 and not state.engine.has_lora(adapter):
+                state.resolve_model(model)  # unloaded meanwhile: raises the 404 a new request would get
+            raise
         if stream:
             owned_streams, owned_admission = streams, admission
 

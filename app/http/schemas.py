@@ -154,6 +154,23 @@ class DetokenizeRequest(_Request, kw_only=True):
     tokens: Annotated[list[TokenId], Meta(max_length=1 << 20)]
 
 
+# Checked by the route, whose 400 says the rule (a regex in msgspec's message would not).
+AdapterName = Annotated[str, Meta(min_length=1, max_length=256, description="The adapter's name in `model`.")]
+
+
+class LoadLoRAAdapterRequest(_Request, kw_only=True):
+    """vLLM's body. Loading a name that is loaded replaces it (a new version); `load_inplace` is accepted."""
+
+    lora_name: AdapterName
+    lora_path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(_Request, kw_only=True):
+    lora_name: AdapterName
+    lora_int_id: int | None = None  # vLLM's; ignored
+
+
 # ---- responses ------------------------------------------------------------------------------
 
 
@@ -271,6 +288,24 @@ class ModelCard(Struct):
 
 class ModelList(Struct):
     data: list[ModelCard]
+    object: str = "list"
+
+
+class LoRAAdapterCard(Struct):
+    name: str
+    path: str
+    format: str
+    rank: int
+    target_modules: list[str]
+    version: int
+    tier: str  # "gpu": resident on the device; "cpu": in the host cache
+    loaded_at: float
+    requests_served: int
+    object: str = "lora_adapter"
+
+
+class LoRAAdapterList(Struct):
+    data: list[LoRAAdapterCard]
     object: str = "list"
 
 

@@ -50,6 +50,13 @@ class ServeConfig:
     enable_prefix_caching: bool = True
     max_body_bytes: int = 8 << 20
     num_threads: int | None = None
+    # LoRA (None: the environment, then the --lora-config file, then the defaults; see app.adapters.lora_config)
+    lora_config: str | None = None
+    lora_modules: tuple[str, ...] = ()  # NAME=PATH adapters loaded at start-up
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    max_lora_rank: int | None = None
+    admin_key: str | None = None  # guards load/unload of adapters (else $VLLM_MXEXT_ADMIN_KEY)
 
     def to_env(self) -> dict[str, str]:
         """MXEXT_SERVE_* variables that `from_env` turns back into this config."""
@@ -77,9 +84,12 @@ class ServeConfig:
         return cls(**values)
 
 
+_OPTIONAL_INTS = ("max_model_len", "num_kv_blocks", "num_threads", "max_loras", "max_cpu_loras", "max_lora_rank")
+
+
 def _parse_env(name: str, default: object, raw: str) -> object:
     try:
-        if name == "served_model_name":
+        if name in ("served_model_name", "lora_modules"):
             return tuple(part for part in raw.split(",") if part)
         if name in ("kv_cache_memory", "max_body_bytes"):
             return parse_size(raw)
@@ -87,7 +97,7 @@ def _parse_env(name: str, default: object, raw: str) -> object:
             return raw.strip().lower() in ("1", "true", "yes", "on")
         if isinstance(default, float):
             return float(raw)
-        if isinstance(default, int) or name in ("max_model_len", "num_kv_blocks", "num_threads"):
+        if isinstance(default, int) or name in _OPTIONAL_INTS:
             return int(raw)
         return raw
     except ValueError as exc:
@@ -124,6 +134,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-request-body", type=parse_size, default=defaults.max_body_bytes, dest="max_body_bytes",
                    help="Largest request body accepted; larger ones get 413 (default 8MiB)")
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads on CPU")
+    lora = p.add_argument_group("LoRA adapters (see docs/LORA.md)")
+    lora.add_argument("--lora-config", default=None, metavar="FILE",
+                      help="YAML file: adapters to serve, LoRA limits, auto_load (the environment wins over it)")
+    lora.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                      help="Adapters to load at start-up (vLLM's flag); their folders become allowed roots")
+    lora.add_argument("--max-loras", type=int, default=None,
+                      help="Adapters on the device at once (default: $MIM_MAX_GPU_LORAS or $VLLM_MAX_LORAS, else 8)")
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="Adapters kept in host memory (default: $MIM_MAX_CPU_LORAS, else 16)")
+    lora.add_argument("--max-lora-rank", type=int, default=None,
+                      help="Largest adapter rank accepted (default: $VLLM_MAX_LORA_RANK, else 32)")
+    lora.add_argument("--admin-key", default=None,
+                      help="Require `Authorization: Bearer KEY` on adapter load/unload (default: $VLLM_MXEXT_ADMIN_KEY)")
     p.set_defaults(func=run)
     return p  # fmt: skip
 
@@ -148,11 +171,26 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         max_body_bytes=args.max_body_bytes,
         num_threads=args.num_threads,
+        lora_config=args.lora_config,
+        lora_modules=tuple(args.lora_modules or ()),
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank,
+        admin_key=args.admin_key,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `mxext serve`."""
-    from app.http import server
+    import sys
 
-    return server.run(config_from_args(args))
+    from app.http import server
+    from app.http.state import lora_serving_of
+
+    config = config_from_args(args)
+    try:  # a bad LoRA config file or LoRA variable ends here, before anything listens
+        lora_serving_of(config)
+    except ValueError as exc:
+        print(f"mxext serve: error: {exc}", file=sys.stderr)
+        return 2
+    return server.run(config)

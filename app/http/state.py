@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from app.adapters.lora_config import LoraServing, resolve_lora_serving
 from app.http.errors import APIError, unavailable
 from app.http.metrics import ServerMetrics
 from app.http.serve_cli import ServeConfig
@@ -25,12 +28,38 @@ def default_model_name(config: ServeConfig) -> str:
     return get_settings().model
 
 
-def load_engine(config: ServeConfig) -> Any:
+def lora_serving_of(config: ServeConfig) -> LoraServing:
+    """The LoRA setup of `config`: its flags over the environment over its --lora-config file."""
+    return resolve_lora_serving(
+        config.lora_config,
+        modules=config.lora_modules,
+        max_loras=config.max_loras,
+        max_cpu_loras=config.max_cpu_loras,
+        max_lora_rank=config.max_lora_rank,
+        admin_key=config.admin_key,
+    )
+
+
+def lora_engine_fields(lora: LoraServing) -> dict[str, int]:
+    """EngineConfig's LoRA limits."""
+    from app.engine import EngineConfig
+
+    wanted = {
+        "max_loras": lora.settings.max_gpu_loras,
+        "max_cpu_loras": lora.settings.max_cpu_loras,
+        "max_lora_rank": lora.settings.max_lora_rank,
+    }
+    known = {field.name for field in dataclasses.fields(EngineConfig)}
+    return {name: value for name, value in wanted.items() if name in known}
+
+
+def load_engine(config: ServeConfig, lora: LoraServing | None = None) -> Any:
     """Resolve the model through the store and load the AsyncEngine (blocking, seconds)."""
     from app.engine import AsyncEngine, EngineConfig
     from app.hub.store import ModelStore
     from app.settings import get_settings
 
+    lora = lora or lora_serving_of(config)
     name = default_model_name(config)
     folder = ModelStore(get_settings().store.home).resolve(name)
     engine_config = EngineConfig(
@@ -46,6 +75,7 @@ def load_engine(config: ServeConfig) -> Any:
         enable_prefix_caching=config.enable_prefix_caching,
         max_waiting=config.max_waiting,
         num_threads=config.num_threads,
+        **lora_engine_fields(lora),
     )
     return AsyncEngine.from_config(engine_config)
 
@@ -69,6 +99,7 @@ class ServerState:
 
     def __init__(self, config: ServeConfig, engine_factory: EngineFactory | None = None) -> None:
         self.config = config
+        self.lora = lora_serving_of(config)
         model = default_model_name(config)
         self.served_names: tuple[str, ...] = config.served_model_name or (model,)
         self.model_name = self.served_names[0]
@@ -80,7 +111,8 @@ class ServerState:
         self.in_flight = 0
         self._admitted: set[Admission] = set()
         self.metrics = ServerMetrics(self.model_name, lambda: self.engine)
-        self._engine_factory = engine_factory or load_engine
+        self._engine_factory = engine_factory or functools.partial(load_engine, lora=self.lora)
+        self.lora_loads = asyncio.Semaphore(2)  # adapter loads at once: each reads and converts weights
         self._idle: asyncio.Event | None = None
         self.on_fatal: Callable[[str], None] | None = None  # set by the embedded server: exit on load failure
 
@@ -92,6 +124,8 @@ class ServerState:
         logger.info("loading model %s", self.model_root)
         try:
             engine = await asyncio.to_thread(self._engine_factory, self.config)
+            if self.lora.adapters:
+                await asyncio.to_thread(self._load_startup_adapters, engine)
         except Exception as exc:  # noqa: BLE001 - reported on /health and, when embedded, fatal
             self.load_error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, (FileNotFoundError, ValueError)):  # the user's to fix; the message says how
@@ -110,6 +144,19 @@ class ServerState:
             self.model_root, ", ".join(self.served_names), engine.max_model_len, time.monotonic() - started,
         )  # fmt: skip
 
+    def _load_startup_adapters(self, engine: Any) -> None:
+        """The adapters of --lora-config (auto_load) and --lora-modules, before /health turns ready."""
+        from app.adapters.security import check_adapter_path
+
+        for spec in self.lora.adapters:
+            try:
+                path = check_adapter_path(str(spec.path), self.lora.roots)
+                info = engine.add_lora(spec.name, str(path))
+            except (ValueError, FileNotFoundError) as exc:
+                engine.shutdown()
+                raise ValueError(f"adapter {spec.name!r} from {spec.path}: {exc}") from None
+            logger.info("adapter %s loaded from %s (rank %s)", spec.name, path, getattr(info, "rank", "?"))
+
     @property
     def ready(self) -> bool:
         return self.engine is not None and not self.draining
@@ -123,13 +170,46 @@ class ServerState:
 
     # ---- admission -----------------------------------------------------------------------------
 
+    def is_base(self, name: str) -> bool:
+        return name in self.served_names or name in self.lora.base_aliases
+
+    def resolve_model(self, name: str | None) -> str | None:
+        """The adapter `name` asks for (None: the base model), or 404.
+
+        `model` is a served name (or the seed's literal `base_model`), `<adapter>`, or
+        `<base>:<adapter>`; an omitted name means the first served name.
+        """
+        if name is None or self.is_base(name):
+            return None
+        base, colon, adapter = name.rpartition(":")  # adapter names have no colon; base names may
+        if colon and not self.is_base(base):
+            raise self._unknown_model(name, f"`{base}` is not a served model")
+        adapter = adapter if colon else name
+        engine = self.require_engine()  # adapters are known only once the engine is up
+        if not hasattr(engine, "has_lora") or not engine.has_lora(adapter):
+            raise self._unknown_model(name, f"no adapter named `{adapter}` is loaded")
+        return adapter
+
     def check_model(self, name: str | None) -> None:
-        """404 unless `name` is one of the served names (an omitted name means the first)."""
-        if name is None or name in self.served_names:
-            return
-        raise APIError(
+        """404 unless `name` is a served name or a loaded adapter (an omitted name means the first)."""
+        self.resolve_model(name)
+
+    def adapter_names(self) -> list[str]:
+        return sorted(info.name for info in self.loras())
+
+    def loras(self) -> list[Any]:
+        """The engine's LoRAInfo list (empty while loading)."""
+        engine = self.engine
+        return list(engine.list_loras()) if engine is not None and hasattr(engine, "list_loras") else []
+
+    def _unknown_model(self, name: str, why: str) -> APIError:
+        served = ", ".join(self.served_names)
+        adapters = self.adapter_names()
+        shown = ", ".join(adapters[:20]) + (f" and {len(adapters) - 20} more" if len(adapters) > 20 else "")
+        offer = f"; the adapters {shown} (as `<adapter>` or `{self.model_name}:<adapter>`)" if adapters else ""
+        return APIError(
             404,
-            f"The model `{name}` does not exist. This server serves: {', '.join(self.served_names)}",
+            f"The model `{name}` does not exist ({why}). This server serves: {served}{offer}",
             param="model",
             code="model_not_found",
         )

@@ -2,7 +2,9 @@
 
 Byte-level tokenizer (ids 0..2 special, 3..258 the bytes), deterministic "generation" (letters
 drawn from a seeded RNG), stop strings, logprobs, a waiting-queue bound and KV usage that drops
-back to zero when a request finishes or is aborted.
+back to zero when a request finishes or is aborted. LoRA adapters: PEFT folders checked the way
+the engine checks them (adapter_config.json, safetensors weights, rank), each adapter changing
+the generated letters.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from app.engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SamplingParams
@@ -64,10 +69,26 @@ class FakeStats:
     generation_tokens_total: int = 0
 
 
+@dataclasses.dataclass
+class FakeLoRAInfo:
+    """The fields of app.engine.lora.LoRAInfo."""
+
+    name: str
+    path: str
+    rank: int
+    target_modules: list[str]
+    version: int
+    loaded_at: float
+    tier: str = "cpu"
+    requests_served: int = 0
+
+
 class FakeEngine:
     """Deterministic stand-in for AsyncEngine (asyncio only, no step thread)."""
 
-    def __init__(self, max_model_len: int = 256, step_delay: float = 0.002, max_running: int = 8) -> None:
+    def __init__(
+        self, max_model_len: int = 256, step_delay: float = 0.002, max_running: int = 8, max_lora_rank: int = 32
+    ) -> None:
         self.tokenizer = FakeTokenizer()
         self.vocab_size = FakeTokenizer.vocab_size
         self.max_model_len = max_model_len
@@ -78,6 +99,44 @@ class FakeEngine:
         self.fail_after: int | None = None  # raise RuntimeError after this many steps (mid-stream faults)
         self._stats = FakeStats()
         self.is_shut_down = False
+        self.max_lora_rank = max_lora_rank
+        self.loras: dict[str, FakeLoRAInfo] = {}
+        self.lora_paths_seen: list[str] = []  # every path add_lora was called with
+        self.lora_of: dict[str, str | None] = {}  # request id -> the adapter it ran on
+
+    # ---- LoRA (the engine's contract: add_lora blocks, raises ValueError/FileNotFoundError) ----
+
+    def add_lora(self, name: str, path: str) -> FakeLoRAInfo:
+        self.lora_paths_seen.append(path)
+        folder = Path(path)
+        config_file = folder / "adapter_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{folder} has no adapter_config.json; is it a PEFT adapter folder?")
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ValueError(f"adapter_config.json is not valid JSON: {exc}") from None
+        if not (folder / "adapter_model.safetensors").is_file():
+            if (folder / "adapter_model.bin").is_file():
+                raise ValueError("adapter_model.bin is a pickle, which is refused; save the adapter as safetensors")
+            raise FileNotFoundError(f"{folder} has no adapter_model.safetensors")
+        rank = int(config.get("r", 0))
+        if not 1 <= rank <= self.max_lora_rank:
+            raise ValueError(f"rank {rank} is above max_lora_rank {self.max_lora_rank}")
+        old = self.loras.get(name)
+        info = FakeLoRAInfo(name, str(folder), rank, list(config.get("target_modules") or []),
+                            (old.version + 1) if old else 1, time.time())  # fmt: skip
+        self.loras[name] = info
+        return info
+
+    def remove_lora(self, name: str) -> bool:
+        return self.loras.pop(name, None) is not None
+
+    def list_loras(self) -> list[FakeLoRAInfo]:
+        return list(self.loras.values())
+
+    def has_lora(self, name: str) -> bool:
+        return name in self.loras
 
     def stats(self) -> FakeStats:
         self._stats.num_running = len(self.running)
@@ -91,9 +150,20 @@ class FakeEngine:
         self.is_shut_down = True
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         params.validate(self.vocab_size)
+        if lora_name is not None:
+            if lora_name not in self.loras:
+                raise ValueError(f"LoRA adapter {lora_name!r} is not loaded")
+            self.loras[lora_name].requests_served += 1
+        self.lora_of[request_id] = lora_name
+        salt = zlib.crc32(lora_name.encode()) if lora_name else 0
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         if len(prompt_token_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_token_ids)}) + max_tokens exceeds {self.max_model_len}")
@@ -103,7 +173,7 @@ class FakeEngine:
         self._stats.prompt_tokens_total += len(prompt_token_ids)
         metrics = RequestMetrics(arrival_time=time.time())
         seed = params.seed if params.seed is not None else random.randrange(1 << 30)
-        rngs = [random.Random(seed * 31 + i + sum(prompt_token_ids)) for i in range(params.n)]
+        rngs = [random.Random(seed * 31 + i + sum(prompt_token_ids) + salt) for i in range(params.n)]
         texts = [""] * params.n
         counts = [0] * params.n
         done = [False] * params.n
