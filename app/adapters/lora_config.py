@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -156,9 +157,9 @@ def load_lora_config(path: str | Path) -> LoraConfig:
         if entry.name in seen:
             raise LoraConfigError(f"{where}.name: {entry.name!r} is listed twice")
         seen.add(entry.name)
-        adapter_path = Path(entry.path).expanduser()
-        adapters.append(AdapterSpec(entry.name, adapter_path if adapter_path.is_absolute() else folder / adapter_path,
-                                    entry.description))  # fmt: skip
+        # The operator wrote these paths: `..` is theirs to use, so it is folded away here.
+        adapter_path = Path(os.path.normpath(folder / Path(entry.path).expanduser()))
+        adapters.append(AdapterSpec(entry.name, adapter_path, entry.description))
     section = parsed.lora_settings
     return LoraConfig(
         source=source,
@@ -179,7 +180,7 @@ def parse_lora_module(text: str) -> AdapterSpec:
         raise ValueError(f"--lora-modules {text!r}: write NAME=PATH")
     if not re.fullmatch(ADAPTER_NAME_PATTERN, name):
         raise ValueError(f"--lora-modules {text!r}: an adapter name is {ADAPTER_NAME_RULE}")
-    return AdapterSpec(name, Path(path).expanduser().absolute())
+    return AdapterSpec(name, Path(os.path.normpath(Path(path).expanduser().absolute())))
 
 
 @dataclasses.dataclass(frozen=True)

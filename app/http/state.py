@@ -148,14 +148,17 @@ class ServerState:
         """The adapters of --lora-config (auto_load) and --lora-modules, before /health turns ready."""
         from app.adapters.security import check_adapter_path
 
-        for spec in self.lora.adapters:
-            try:
-                path = check_adapter_path(str(spec.path), self.lora.roots)
-                info = engine.add_lora(spec.name, str(path))
-            except (ValueError, FileNotFoundError) as exc:
-                engine.shutdown()
-                raise ValueError(f"adapter {spec.name!r} from {spec.path}: {exc}") from None
-            logger.info("adapter %s loaded from %s (rank %s)", spec.name, path, getattr(info, "rank", "?"))
+        try:
+            for spec in self.lora.adapters:
+                try:
+                    path = check_adapter_path(str(spec.path), self.lora.roots)
+                    info = engine.add_lora(spec.name, str(path))
+                except (ValueError, OSError) as exc:  # FileNotFoundError included
+                    raise ValueError(f"adapter {spec.name!r} from {spec.path}: {exc}") from None
+                logger.info("adapter %s loaded from %s (rank %s)", spec.name, path, info.rank)
+        except BaseException:
+            engine.shutdown()  # the server will not serve: stop the engine's thread too
+            raise
 
     @property
     def ready(self) -> bool:

@@ -61,7 +61,18 @@ def build_adapters(smollm2_dir: Path, root: Path) -> dict[str, object]:
     (root / "badjson" / "adapter_config.json").write_text("{not json")
     (root.parent / "elsewhere").mkdir(exist_ok=True)
     shutil.copytree(root / "good", root.parent / "elsewhere" / "good", dirs_exist_ok=True)
-    return {"reference": reference}
+    # loaded at start-up through the config file, from a folder outside VLLM_MXEXT_LORA_ROOTS
+    shutil.copytree(root / "good", root.parent / "preload" / "good")
+    config_file = root.parent / "config" / "lora_config.yaml"
+    config_file.parent.mkdir()
+    config_file.write_text(
+        "base_model: smollm2-135m-instruct\n"
+        "lora_adapters:\n"
+        "  - {name: preloaded, path: ../preload/good, format: peft, description: loaded at start-up}\n"
+        "lora_settings: {max_lora_rank: 32, max_loras: 8, cache_size: 16, enable_dynamic_loading: false}\n"
+        "auto_load: true\n"
+    )
+    return {"reference": reference, "config": config_file}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +94,8 @@ def lora_server(smollm2_dir: Path, lora_root: Path, built, tmp_path_factory, ser
         smollm2_dir, tmp_path_factory.mktemp("lora-server") / "server.log",
         "--served-model-name", BASE, "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
         "--dtype", "float32", "--quantization", "none", "--max-model-len", "1024", "--num-kv-blocks", "256",
-        "--shutdown-timeout", "5",
+        "--shutdown-timeout", "5", "--lora-config", str(built["config"]),
+        # the environment wins over the file: runtime updating on, a host cache of 2
         env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", "VLLM_MXEXT_LORA_ROOTS": str(lora_root),
              "MIM_MAX_CPU_LORAS": "2", "VLLM_MXEXT_JSONL_LOGGING": "1"},
     )  # fmt: skip
@@ -125,6 +137,17 @@ def test_runtime_updating_is_off_by_default(http):
             "runtime LoRA updating is disabled; set VLLM_ALLOW_RUNTIME_LORA_UPDATING=true"
         )
     assert http.get("/v1/lora_adapters").json() == {"object": "list", "data": []}
+
+
+def test_config_file_adapters_are_loaded_before_ready(client, admin, lora_root, built):
+    """The first request after /health turned 200 finds the file's adapter; its folder is an allowed root."""
+    listed = admin.get("/v1/lora_adapters").json()["data"]
+    assert [a["name"] for a in listed] == ["preloaded"]
+    assert listed[0]["path"] == str((lora_root.parent / "preload" / "good").resolve())
+    reply = greedy(client, "smollm2-135m-instruct:preloaded")  # the file's base_model names the base
+    assert reply == built["reference"]  # the same weights as root/good
+    assert load(admin, "preloaded-again", lora_root.parent / "preload" / "good").status_code == 200
+    assert admin.post("/v1/unload_lora_adapter", json={"lora_name": "preloaded-again"}).status_code == 200
 
 
 def test_load_chat_list_unload_then_404(client, admin, lora_root, built, lora_server, capsys):
@@ -249,7 +272,7 @@ def test_fifty_bad_loads_during_live_traffic(client, admin, lora_root, lora_serv
     print(f"\n{len(outcomes)} good requests ({during} during the {len(results)} refused loads) in "
           f"{time.monotonic() - started:.1f}s")
     names = {a["name"] for a in admin.get("/v1/lora_adapters").json()["data"]}
-    assert names == {"live"}, names
+    assert "live" in names and not any(n.startswith(("bad-", "user-")) for n in names), names
     assert admin.post("/v1/unload_lora_adapter", json={"lora_name": "live"}).status_code == 200
 
 

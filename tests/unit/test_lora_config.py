@@ -65,6 +65,12 @@ def test_the_seed_file_parses_with_paths_relative_to_it(tmp_path):
     assert settings.allow_runtime_updating is True
 
 
+def test_parent_steps_in_the_file_and_in_modules_are_folded_away(tmp_path):
+    config = load_lora_config(write(tmp_path, "lora_adapters: [{name: a, path: ../shared/a}]\n"))
+    assert config.adapters[0].path == tmp_path.resolve().parent / "shared" / "a"
+    assert parse_lora_module("b=/srv/x/../b").path == Path("/srv/b")
+
+
 def test_defaults_when_sections_are_left_out(tmp_path):
     config = load_lora_config(write(tmp_path, "lora_adapters: []\n"))
     assert config.auto_load is True and config.adapters == () and config.over(LoraSettings()) == LoraSettings()
