@@ -4,6 +4,7 @@ from app.engine.async_engine import AsyncEngine, EngineDeadError
 from app.engine.config import EngineConfig
 from app.engine.core import EngineCore, EngineStats, QueueFullError
 from app.engine.llm import LLM
+from app.engine.lora import LoRAInfo, LoRARequest
 from app.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "EngineCore",
     "EngineDeadError",
     "EngineStats",
+    "LoRAInfo",
+    "LoRARequest",
     "Logprob",
     "QueueFullError",
     "RequestOutput",

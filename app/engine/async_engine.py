@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from app.engine.config import EngineConfig
 from app.engine.core import EngineCore, EngineStats, QueueFullError
+from app.engine.lora import LoRAInfo
 from app.engine.request import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,23 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    # ---- LoRA adapters --------------------------------------------------------------------
+    def add_lora(self, name: str, path: str) -> LoRAInfo:
+        """Read, validate and host-cache the PEFT adapter at `path` as `name` (blocking: call it
+        through asyncio.to_thread). An existing name gets a new version; its requests in flight
+        finish on the old weights. Raises FileNotFoundError, or ValueError saying why."""
+        return self.core.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> bool:
+        """Unregister `name` (False if unknown); requests in flight on it finish first."""
+        return self.core.remove_lora(name)
+
+    def list_loras(self) -> list[LoRAInfo]:
+        return self.core.list_loras()
+
+    def has_lora(self, name: str) -> bool:
+        return self.core.has_lora(name)
+
     # ---- requests -------------------------------------------------------------------------
     async def generate(
         self,
@@ -66,21 +84,30 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prompt: str | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield delta outputs until the request finishes. Raises ValueError / QueueFullError first."""
+        """Yield delta outputs until the request finishes, on the base model or on the adapter
+        `lora_name`. Raises ValueError (also for an unknown adapter) / QueueFullError first."""
         if self._stopped:
             raise EngineDeadError("the engine has stopped")
         request_id = request_id or uuid.uuid4().hex
         self.core.validate(prompt_token_ids, params)
-        with self._lock:
-            if len(self.core.scheduler.waiting) + self._pending_adds >= self.core.config.max_waiting:
-                raise QueueFullError(f"the waiting queue is full ({self.core.config.max_waiting} requests); retry later")
-            if request_id in self._consumers:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._pending_adds += 1
-            outputs: asyncio.Queue = asyncio.Queue()
-            self._consumers[request_id] = (asyncio.get_running_loop(), outputs)
-        self._commands.put(("add", request_id, list(prompt_token_ids), params, prompt))
+        # The adapter version is held from here, so unloading it now lets this request finish.
+        lora = self.core.acquire_lora(lora_name) if lora_name is not None else None
+        try:
+            with self._lock:
+                if len(self.core.scheduler.waiting) + self._pending_adds >= self.core.config.max_waiting:
+                    raise QueueFullError(f"the waiting queue is full ({self.core.config.max_waiting} requests); retry later")
+                if request_id in self._consumers:
+                    raise ValueError(f"request id {request_id!r} is already in use")
+                self._pending_adds += 1
+                outputs: asyncio.Queue = asyncio.Queue()
+                self._consumers[request_id] = (asyncio.get_running_loop(), outputs)
+        except BaseException:
+            if lora is not None:
+                self.core.release_lora(lora)
+            raise
+        self._commands.put(("add", request_id, list(prompt_token_ids), params, prompt, lora))
         self._wake.set()
         finished = False
         try:
@@ -135,13 +162,16 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, request_id, ids, params, prompt = cmd
+                _, request_id, ids, params, prompt, lora = cmd
                 with self._lock:
                     self._pending_adds -= 1
-                if request_id not in self._consumers:  # abandoned before it started
+                    abandoned = request_id not in self._consumers
+                if abandoned:  # abandoned before it started
+                    if lora is not None:
+                        self.core.release_lora(lora)
                     continue
                 try:
-                    self.core.add_request(request_id, ids, params, prompt)
+                    self.core.add_request(request_id, ids, params, prompt, lora=lora)
                 except Exception as exc:
                     self._deliver_to(request_id, exc)
             else:

@@ -28,14 +28,23 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     cpu_kernels: bool = True  # our compiled CPU attention kernel (falls back to PyTorch if it can't build)
+    # Multi-LoRA (app/engine/lora.py): adapters on the compute device at once, adapters registered
+    # in host memory, the largest rank accepted.
+    enable_lora: bool = True
+    max_loras: int = 8
+    max_cpu_loras: int = 16
+    max_lora_rank: int = 32
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.quantization not in QUANTIZATIONS + ("auto",):
             raise ValueError(f"quantization={self.quantization!r}: choose auto, none or int8")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_cpu_loras",
+                     "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("num_kv_blocks must be at least 2")

@@ -16,6 +16,7 @@ import torch
 
 from app.engine.block_manager import BlockManager
 from app.engine.config import EngineConfig
+from app.engine.lora import LoRAAdapter, LoRAInfo, LoRAManager
 from app.engine.model_runner import ModelRunner
 from app.engine.request import (
     CompletionOutput,
@@ -70,9 +71,10 @@ class _SeqState:
 
 
 class _RequestState:
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "seqs", "metrics", "num_cached_tokens")
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "seqs", "metrics", "num_cached_tokens", "lora")
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int]) -> None:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], lora=None) -> None:
+        self.lora = lora  # the LoRAAdapter version it holds (released when the request ends)
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -102,10 +104,12 @@ class EngineCore:
             self.max_model_len = kv_tokens
         self.vocab_size = self.runner.model_config.vocab_size
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.lora = self.runner.lora  # LoRAManager, None with enable_lora=False
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            lora_slots=self.lora,
         )
         self.sampler = Sampler(self.vocab_size, self.runner.device, config.seed)
         self.requests: dict[str, _RequestState] = {}
@@ -134,20 +138,65 @@ class EngineCore:
                 f"completion): reduce the prompt or max_tokens"
             )
 
+    # ---- LoRA adapters (any thread) --------------------------------------------------------
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA adapters are disabled on this engine (enable_lora=False)")
+        return self.lora
+
+    def add_lora(self, name: str, path: str) -> LoRAInfo:
+        """Read, validate and host-cache a PEFT adapter (blocking; a new version if `name` exists)."""
+        return self._lora_manager().add(name, path)
+
+    def remove_lora(self, name: str) -> bool:
+        return self.lora.remove(name) if self.lora is not None else False
+
+    def list_loras(self) -> list[LoRAInfo]:
+        return self.lora.list() if self.lora is not None else []
+
+    def has_lora(self, name: str) -> bool:
+        return self.lora is not None and self.lora.has(name)
+
+    def acquire_lora(self, name: str) -> LoRAAdapter:
+        """Hold the current version of `name` for one request; ValueError if unknown."""
+        return self._lora_manager().acquire(name)
+
+    def release_lora(self, adapter: LoRAAdapter) -> None:
+        self._lora_manager().release(adapter)
+
+    # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, lora_name: str | None = None,
+                    lora: LoRAAdapter | None = None) -> None:
+        """Queue a request, on the base model or on adapter `lora_name`. `lora` is an adapter
+        version already held by `acquire_lora`: this call takes it over (released on failure)."""
+        if lora is None and lora_name is not None:
+            lora = self.acquire_lora(lora_name)
+        try:
+            self._add_request(request_id, prompt_token_ids, params, prompt, lora)
+        except BaseException:
+            if lora is not None:
+                self.release_lora(lora)
+            raise
+        if lora is not None:
+            lora.requests_served += 1
+
+    def _add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     prompt: str | None, lora: LoRAAdapter | None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
-        req = _RequestState(request_id, prompt, list(prompt_token_ids))
+        req = _RequestState(request_id, prompt, list(prompt_token_ids), lora)
+        extra_key = lora.cache_key if lora is not None else None
         max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
         stop_ids = [] if params.ignore_eos else sorted(self.tokenizer.eos_token_ids)
         stop_ids += [t for t in params.stop_token_ids if t not in stop_ids]
         leader: Sequence | None = None
         for i in range(params.n):
-            seq = Sequence(f"{request_id}#{i}", prompt_token_ids, max_tokens=max_tokens, leader=leader)
+            seq = Sequence(f"{request_id}#{i}", prompt_token_ids, max_tokens=max_tokens, leader=leader,
+                           extra_key=extra_key, lora=lora)
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device)
@@ -175,8 +224,14 @@ class EngineCore:
                 st.finish_reason = FinishReason.ABORT.value
                 outputs.append(CompletionOutput(st.index, finish_reason=st.finish_reason))
         req.metrics.finished_time = time.time()
+        self._release(req)
         return RequestOutput(req.request_id, req.prompt_token_ids, outputs, True, req.prompt,
                              req.num_cached_tokens, req.metrics)
+
+    def _release(self, req: _RequestState) -> None:
+        if req.lora is not None:
+            adapter, req.lora = req.lora, None
+            self.release_lora(adapter)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -213,6 +268,7 @@ class EngineCore:
             if finished:
                 req.metrics.finished_time = now
                 del self.requests[request_id]
+                self._release(req)
             outputs.append(RequestOutput(request_id, req.prompt_token_ids, completions, finished, req.prompt,
                                          req.num_cached_tokens, req.metrics))
         return outputs

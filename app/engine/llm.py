@@ -9,6 +9,7 @@ from pathlib import Path
 
 from app.engine.config import EngineConfig
 from app.engine.core import EngineCore
+from app.engine.lora import LoRARequest
 from app.engine.request import CompletionOutput, RequestOutput, SamplingParams
 
 PromptType = str | list[int] | dict
@@ -39,8 +40,11 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """One cumulative RequestOutput per prompt, in the order given."""
+        """One cumulative RequestOutput per prompt, in the order given. `lora_request`: one adapter
+        for every prompt or one per prompt (None: the base model); loaded on first use, and
+        reloaded when a name comes with another path."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -50,12 +54,23 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"{len(params_list)} sampling params for {len(prompt_list)} prompts: give one or one per prompt")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_list = [lora_request] * len(prompt_list)
+        else:
+            lora_list = list(lora_request)
+            if len(lora_list) != len(prompt_list):
+                raise ValueError(f"{len(lora_list)} LoRA requests for {len(prompt_list)} prompts: give one or one per prompt")
+        for lora in {r for r in lora_list if r is not None}:
+            current = self.engine.lora.get(lora.name) if self.engine.lora is not None else None
+            if current is None or current.path != str(lora.path):
+                self.engine.add_lora(lora.name, str(lora.path))
         results: dict[str, RequestOutput] = {}
         order: list[str] = []
-        for prompt, params in zip(prompt_list, params_list):
+        for prompt, params, lora in zip(prompt_list, params_list, lora_list):
             text, ids = self._encode(prompt)
             request_id = str(next(self._ids))
-            self.engine.add_request(request_id, ids, params, prompt=text)
+            self.engine.add_request(request_id, ids, params, prompt=text,
+                                    lora_name=lora.name if lora is not None else None)
             order.append(request_id)
             results[request_id] = RequestOutput(
                 request_id, ids, [CompletionOutput(i) for i in range(params.n)], prompt=text

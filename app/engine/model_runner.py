@@ -10,6 +10,7 @@ import torch
 
 from app.engine.config import EngineConfig
 from app.engine.layers.attention import AttentionMetadata, PrefillSlice
+from app.engine.lora import LoRAManager
 from app.engine.models.llama import LlamaModel, ModelConfig
 from app.engine.scheduler import ScheduledSeq, SchedulerOutput
 
@@ -75,6 +76,13 @@ class ModelRunner:
             self.model_config, folder, self.dtype, self.device, self.int8_max_tokens,
             max_positions=max_model_len, kernels=self.cpu_kernels,
         )
+        self.lora: LoRAManager | None = None
+        if config.enable_lora:
+            self.lora = LoRAManager(
+                self.model, max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
+                max_lora_rank=config.max_lora_rank, device=self.device, dtype=self.dtype,
+                pack=self.model.layers[0].qkv.packed is not None,
+            )
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         cfg = self.model_config
@@ -104,6 +112,16 @@ class ModelRunner:
         """Run the step; return float32 logits [S, vocab] and the S scheduled items that sample."""
         decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
+        lora_batch = None
+        if self.lora is not None and any(s.seq.lora is not None for s in sched.scheduled):
+            # Rows of one adapter side by side (base rows first): see app/engine/lora.py.
+            decodes.sort(key=_slot_of)
+            prefills.sort(key=_slot_of)
+            self.lora.prepare()
+            row_slots = [_slot_of(s) for s in decodes]
+            for s in prefills:
+                row_slots.extend([_slot_of(s)] * s.num_new_tokens)
+            lora_batch = self.lora.batch(row_slots, len(decodes))
         ordered = decodes + prefills
 
         bs = self.block_size
@@ -158,7 +176,7 @@ class ModelRunner:
 
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta)
+        hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta, lora_batch)
 
         sampling = [item for item in ordered if item.sample]
         if not sampling:
@@ -171,3 +189,8 @@ class ModelRunner:
                 last_rows.append(row - 1)
         rows = hidden[torch.tensor(last_rows, device=dev)] if len(last_rows) != hidden.shape[0] else hidden
         return self.model.logits(rows), sampling
+
+
+def _slot_of(item: ScheduledSeq) -> int:
+    lora = item.seq.lora
+    return lora.slot if lora is not None else 0

@@ -5,6 +5,10 @@ chunk for an unfinished prefill), then waiting sequences are admitted while the 
 budget, `max_num_seqs` and the free KV blocks allow. Chunked prefill falls out of this. When
 blocks run out, the newest running sequence is preempted: its blocks go back, and it returns to
 the front of the waiting queue to be recomputed (prompt + what it generated so far).
+
+With LoRA, a sequence whose adapter cannot get a device slot this step (all pinned by running
+sequences of other adapters) waits; behind it only base-model sequences are admitted that step,
+so the slots drain and it cannot starve. A running sequence pins its adapter's slot.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Sequence(BlockSequence):
         extra_key: Hashable = None,
         leader: Sequence | None = None,
         payload: Any = None,
+        lora: Any = None,
     ) -> None:
         super().__init__(list(prompt_token_ids), extra_key)
         self.seq_id = seq_id
@@ -51,6 +56,7 @@ class Sequence(BlockSequence):
         self.leader = leader
         self.num_preemptions = 0
         self.payload = payload  # the engine core's per-sequence state (sampling, detokenizer, ...)
+        self.lora = lora  # the LoRA adapter version it runs on (None: the base model)
 
     @property
     def num_tokens(self) -> int:
@@ -93,8 +99,11 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        lora_slots: Any = None,
     ) -> None:
         self.block_manager = block_manager
+        # Device slots for LoRA adapters: `pin(adapter) -> bool`, `unpin(adapter)` (LoRAManager).
+        self.lora_slots = lora_slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -112,6 +121,7 @@ class Scheduler:
         """Remove `seq` wherever it is and give back its blocks (finished or aborted)."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self._unpin(seq)
         elif seq.status is SeqStatus.WAITING:
             try:
                 self.waiting.remove(seq)
@@ -149,6 +159,7 @@ class Scheduler:
         # Then admit waiting sequences in arrival order (preempted ones are at the front).
         if not preempted:
             skipped: list[Sequence] = []
+            lora_blocked = False  # a sequence waits for a LoRA slot: admit only base sequences after it
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if seq.leader is not None and seq.leader.status is not SeqStatus.FINISHED and (
@@ -156,11 +167,17 @@ class Scheduler:
                 ):
                     skipped.append(self.waiting.popleft())  # share the leader's prompt blocks later
                     continue
+                if seq.lora is not None and self.lora_slots is not None:
+                    if lora_blocked or not self.lora_slots.pin(seq.lora):
+                        lora_blocked = True
+                        skipped.append(self.waiting.popleft())
+                        continue
                 if not seq.block_table:
                     bm.match_prefix(seq)
                 n = min(seq.num_tokens - seq.num_computed_tokens, budget)
                 if not bm.can_allocate(seq, seq.num_computed_tokens + n):
                     bm.free(seq)  # drop the prefix-cache references until it can run
+                    self._unpin(seq)
                     break
                 self.waiting.popleft()
                 bm.allocate(seq, seq.num_computed_tokens + n)
@@ -175,7 +192,12 @@ class Scheduler:
     def _scheduled(seq: Sequence, n: int) -> ScheduledSeq:
         return ScheduledSeq(seq, n, sample=seq.num_computed_tokens + n == seq.num_tokens)
 
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.lora is not None and self.lora_slots is not None:
+            self.lora_slots.unpin(seq.lora)
+
     def _preempt(self, seq: Sequence) -> None:
+        self._unpin(seq)
         self.block_manager.free(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1

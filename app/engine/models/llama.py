@@ -117,11 +117,11 @@ class DecoderLayer:
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
-    def __call__(self, h, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+    def __call__(self, h, cos, sin, k_cache, v_cache, meta: AttentionMetadata, lora=None):
         cfg, kernels = self.cfg, self.kernels
         t = h.shape[0]
         x = rms_norm(h, self.input_norm, cfg.rms_norm_eps, kernels)
-        qkv = self.qkv(x).view(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+        qkv = self.qkv(x, lora).view(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
         rotated = cfg.num_heads + cfg.num_kv_heads  # q and k heads sit side by side: rotate them together
         if kernels is not None:
             kernels.rope_(qkv, cos, sin, rotated)
@@ -131,10 +131,10 @@ class DecoderLayer:
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads : rotated]
         v = qkv[:, rotated:]
         attn = paged_attention(q, k, v, k_cache, v_cache, meta)
-        h = h + self.o(attn.view(t, self.q_size))
+        h = h + self.o(attn.view(t, self.q_size), lora)
         x = rms_norm(h, self.post_norm, cfg.rms_norm_eps, kernels)
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return h + self.down(F.silu(gate) * up)
+        gate, up = self.gate_up(x, lora).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up, lora)
 
 
 class LlamaModel:
@@ -178,12 +178,13 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm is NOT applied (see `logits`)."""
+                meta: AttentionMetadata, lora=None) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm is NOT applied (see `logits`).
+        `lora`: the step's LoRABatch (app/engine/lora.py), None when no row uses an adapter."""
         h = self.embed[input_ids]
         cos, sin = self.rope.lookup(positions)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, k_cache, v_cache, meta)
+            h = layer(h, cos, sin, k_cache, v_cache, meta, lora)
         return h
 
     @torch.inference_mode()
