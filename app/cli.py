@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
 
     store_cli.add_parser(sub)
 
+    from app import bench_cli
+
+    bench_cli.add_parser(sub)
+
     try:
         from app.http import serve_cli
     except ImportError:  # the server package is optional while it is being built
