@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import time
@@ -42,15 +41,11 @@ def lora_serving_of(config: ServeConfig) -> LoraServing:
 
 def lora_engine_fields(lora: LoraServing) -> dict[str, int]:
     """EngineConfig's LoRA limits."""
-    from app.engine import EngineConfig
-
-    wanted = {
+    return {
         "max_loras": lora.settings.max_gpu_loras,
         "max_cpu_loras": lora.settings.max_cpu_loras,
         "max_lora_rank": lora.settings.max_lora_rank,
     }
-    known = {field.name for field in dataclasses.fields(EngineConfig)}
-    return {name: value for name, value in wanted.items() if name in known}
 
 
 def load_engine(config: ServeConfig, lora: LoraServing | None = None) -> Any:
@@ -189,7 +184,7 @@ class ServerState:
             raise self._unknown_model(name, f"`{base}` is not a served model")
         adapter = adapter if colon else name
         engine = self.require_engine()  # adapters are known only once the engine is up
-        if not hasattr(engine, "has_lora") or not engine.has_lora(adapter):
+        if not engine.has_lora(adapter):
             raise self._unknown_model(name, f"no adapter named `{adapter}` is loaded")
         return adapter
 
@@ -203,7 +198,7 @@ class ServerState:
     def loras(self) -> list[Any]:
         """The engine's LoRAInfo list (empty while loading)."""
         engine = self.engine
-        return list(engine.list_loras()) if engine is not None and hasattr(engine, "list_loras") else []
+        return engine.list_loras() if engine is not None else []
 
     def _unknown_model(self, name: str, why: str) -> APIError:
         served = ", ".join(self.served_names)

@@ -22,6 +22,7 @@ from typing import Any
 
 from app.engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SamplingParams
 from app.engine import QueueFullError
+from app.engine.lora import LoRAInfo
 from app.http.serve_cli import ServeConfig
 
 EOS, BOS, PAD = 0, 1, 2
@@ -69,20 +70,6 @@ class FakeStats:
     generation_tokens_total: int = 0
 
 
-@dataclasses.dataclass
-class FakeLoRAInfo:
-    """The fields of app.engine.lora.LoRAInfo."""
-
-    name: str
-    path: str
-    rank: int
-    target_modules: list[str]
-    version: int
-    loaded_at: float
-    tier: str = "cpu"
-    requests_served: int = 0
-
-
 class FakeEngine:
     """Deterministic stand-in for AsyncEngine (asyncio only, no step thread)."""
 
@@ -100,13 +87,13 @@ class FakeEngine:
         self._stats = FakeStats()
         self.is_shut_down = False
         self.max_lora_rank = max_lora_rank
-        self.loras: dict[str, FakeLoRAInfo] = {}
+        self.loras: dict[str, LoRAInfo] = {}
         self.lora_paths_seen: list[str] = []  # every path add_lora was called with
         self.lora_of: dict[str, str | None] = {}  # request id -> the adapter it ran on
 
     # ---- LoRA (the engine's contract: add_lora blocks, raises ValueError/FileNotFoundError) ----
 
-    def add_lora(self, name: str, path: str) -> FakeLoRAInfo:
+    def add_lora(self, name: str, path: str) -> LoRAInfo:
         self.lora_paths_seen.append(path)
         folder = Path(path)
         config_file = folder / "adapter_config.json"
@@ -124,15 +111,15 @@ class FakeEngine:
         if not 1 <= rank <= self.max_lora_rank:
             raise ValueError(f"rank {rank} is above max_lora_rank {self.max_lora_rank}")
         old = self.loras.get(name)
-        info = FakeLoRAInfo(name, str(folder), rank, list(config.get("target_modules") or []),
-                            (old.version + 1) if old else 1, time.time())  # fmt: skip
+        info = LoRAInfo(name, str(folder), rank, list(config.get("target_modules") or []),
+                        (old.version + 1) if old else 1, time.time(), "cpu", 0)  # fmt: skip
         self.loras[name] = info
         return info
 
     def remove_lora(self, name: str) -> bool:
         return self.loras.pop(name, None) is not None
 
-    def list_loras(self) -> list[FakeLoRAInfo]:
+    def list_loras(self) -> list[LoRAInfo]:
         return list(self.loras.values())
 
     def has_lora(self, name: str) -> bool:

@@ -20,7 +20,6 @@ import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("peft")
-ENGINE_HAS_LORA = (Path(__file__).resolve().parents[2] / "app" / "engine" / "lora.py").exists()
 
 API_KEY, ADMIN_KEY = "user-key", "admin-key"
 BASE = "smollm2"
@@ -82,8 +81,6 @@ def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def built(smollm2_dir: Path, lora_root: Path) -> dict[str, object]:
-    if not ENGINE_HAS_LORA:
-        pytest.skip("the engine's LoRA support (app/engine/lora.py) has not landed yet")
     lora_root.mkdir(parents=True, exist_ok=True)
     return build_adapters(smollm2_dir, lora_root)
 

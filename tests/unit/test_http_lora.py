@@ -239,8 +239,11 @@ async def test_config_file_adapters_load_before_ready_and_limits_reach_the_engin
 
     from app.http.state import lora_engine_fields
 
-    fields = lora_engine_fields(state.lora)
-    assert all(fields[k] == v for k, v in {"max_loras": 3, "max_cpu_loras": 7, "max_lora_rank": 16}.items() if k in fields)
+    assert lora_engine_fields(state.lora) == {"max_loras": 3, "max_cpu_loras": 7, "max_lora_rank": 16}
+    from app.engine import EngineConfig
+
+    config = EngineConfig(model="m", **lora_engine_fields(state.lora))  # the engine takes them as they are
+    assert (config.max_loras, config.max_cpu_loras, config.max_lora_rank) == (3, 7, 16)
 
 
 async def test_a_start_up_adapter_that_fails_is_fatal_with_its_reason(lora_env):
