@@ -68,3 +68,18 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
+
+
+def prompt_logits(model, ids: list[int], lora_batch=None) -> torch.Tensor:
+    """Float32 logits at every position of one prompt, run through `model` as a single prefill."""
+    from app.engine.layers.attention import AttentionMetadata, PrefillSlice
+
+    cfg = model.cfg
+    n = len(ids)
+    blocks = -(-n // 16)
+    caches = [(torch.zeros(blocks, cfg.num_kv_heads, cfg.head_dim, 16, dtype=model.dtype),
+               torch.zeros(blocks, 16, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype)) for _ in range(cfg.num_layers)]
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decode=0, decode_block_tables=None,
+                             decode_context_lens=[], decode_mask=None,
+                             prefills=[PrefillSlice(0, n, n, torch.arange(blocks), None)])
+    return model.logits(model.forward(torch.tensor(ids), torch.arange(n), caches, meta, lora_batch)).float()

@@ -16,10 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from app.engine import LLM, AsyncEngine, EngineConfig, EngineCore, LoRARequest, SamplingParams
 from app.engine import lora as lora_mod
-from app.engine.layers.attention import AttentionMetadata, PrefillSlice
 from app.engine.lora import LoRAManager
 from app.engine.models.llama import LlamaModel, ModelConfig
-from tests.engine.reference import PROMPTS, hf_greedy, make_random_model
+from tests.engine.reference import PROMPTS, hf_greedy, make_random_model, prompt_logits
 
 MAX_NEW = 16
 # name -> peft LoraConfig arguments and the std of the random B (non-zero, so the adapter matters)
@@ -210,18 +209,6 @@ def test_disabled_lora_refuses_adapters(smollm2_dir, lora_world):
 # ---- the CPU fast path: bf16, oneDNN-packed weights, int8 for small steps ---------------------
 
 
-def _prompt_logits(model: LlamaModel, ids: list[int], lora_batch) -> torch.Tensor:
-    cfg = model.cfg
-    n = len(ids)
-    blocks = -(-n // 16)
-    caches = [(torch.zeros(blocks, cfg.num_kv_heads, cfg.head_dim, 16, dtype=model.dtype),
-               torch.zeros(blocks, 16, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype)) for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decode=0, decode_block_tables=None,
-                             decode_context_lens=[], decode_mask=None,
-                             prefills=[PrefillSlice(0, n, n, torch.arange(blocks), None)])
-    return model.logits(model.forward(torch.tensor(ids), torch.arange(n), caches, meta, lora_batch)).float()
-
-
 @pytest.mark.parametrize("variant", ["bf16", "int8"])
 def test_bf16_and_int8_lora_logits_within_tolerance(smollm2_dir, lora_world, variant):
     """bf16 (packed weights) and int8 weights, LoRA term on top: logits within the tolerances the
@@ -242,7 +229,7 @@ def test_bf16_and_int8_lora_logits_within_tolerance(smollm2_dir, lora_world, var
         adapter = manager.get(name)
         assert manager.pin(adapter)
         manager.prepare()
-        got = _prompt_logits(model, ids, manager.batch([adapter.slot] * len(ids), 0))
+        got = prompt_logits(model, ids, manager.batch([adapter.slot] * len(ids), 0))
         manager.unpin(adapter)
         ref, base = ref_logits[name], ref_logits[None]
         rel = ((got - ref).norm() / ref.norm()).item()

@@ -13,23 +13,8 @@ import pytest
 import torch
 
 from app.engine import LLM, SamplingParams
-from app.engine.layers.attention import AttentionMetadata, PrefillSlice
 from app.engine.models.llama import LlamaModel, ModelConfig
-from tests.engine.reference import PROMPTS
-
-
-def _prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
-    """Logits at every position of one prompt, run as a single prefill."""
-    cfg = model.cfg
-    n = len(ids)
-    blocks = -(-n // 16)
-    caches = [(torch.zeros(blocks, cfg.num_kv_heads, cfg.head_dim, 16, dtype=model.dtype),
-               torch.zeros(blocks, 16, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype)) for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decode=0, decode_block_tables=None,
-                             decode_context_lens=[], decode_mask=None,
-                             prefills=[PrefillSlice(0, n, n, torch.arange(blocks), None)])
-    hidden = model.forward(torch.tensor(ids), torch.arange(n), caches, meta)
-    return model.logits(hidden)
+from tests.engine.reference import PROMPTS, prompt_logits
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +35,8 @@ def test_logits_within_tolerance_of_fp32(smollm2_dir, token_ids, variant, max_re
                             int8_max_tokens=10**9 if variant == "int8" else 0)
     rel_errors, agree, total = [], 0, 0
     for ids in token_ids:
-        ref = _prompt_logits(ref_model, ids)
-        got = _prompt_logits(test_model, ids)
+        ref = prompt_logits(ref_model, ids)
+        got = prompt_logits(test_model, ids)
         rel_errors.append(((got - ref).norm() / ref.norm()).item())
         agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
         total += len(ids)
