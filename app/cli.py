@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     lora_cli.add_parser(sub)
 
+    from app.db import migrate
+
+    migrate.add_parser(sub)
+
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

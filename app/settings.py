@@ -113,11 +113,86 @@ class LoraSettings:
         )
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """An S3-compatible object store (MinIO, AWS) for `s3://bucket/prefix` model pulls."""
+
+    endpoint: str | None = None  # host:port or a URL; None -> AWS (s3.amazonaws.com)
+    access_key: str | None = None
+    secret_key: str | None = None
+    secure: bool | None = None  # None: from the endpoint's scheme (http:// -> False), else True
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        raw_secure = os.environ.get("MXEXT_S3_SECURE")
+        return cls(
+            endpoint=os.environ.get("MXEXT_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None,
+            access_key=os.environ.get("MXEXT_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=os.environ.get("MXEXT_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            secure=None if not (raw_secure or "").strip() else _env_bool("MXEXT_S3_SECURE", True),
+            region=os.environ.get("MXEXT_S3_REGION") or os.environ.get("AWS_REGION") or None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlPlaneSettings:
+    """Job state, workers and signalling. With neither URL set, everything runs embedded: SQLite in
+    the store and in-process jobs and signals (the `make serve` default)."""
+
+    database_url: str | None = None  # DATABASE_URL: postgresql://user@host/db, sqlite:///file, ...
+    redis_url: str | None = None  # REDIS_URL: redis://host:port/db (Celery broker + hints)
+    reconcile_interval_s: float = 30.0  # MXEXT_RECONCILE_INTERVAL: adapter reconcile timer
+    job_soft_time_limit_s: int = 3600  # MXEXT_JOB_SOFT_TIME_LIMIT: the task is asked to stop
+    job_hard_time_limit_s: int = 3900  # MXEXT_JOB_HARD_TIME_LIMIT: the worker child is killed
+    replica_id: str | None = None  # MXEXT_REPLICA_ID: this server's name in the fleet (default host:port)
+    s3: S3Settings = dataclasses.field(default_factory=S3Settings)
+
+    def __post_init__(self) -> None:
+        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError("MXEXT_JOB_HARD_TIME_LIMIT must be larger than MXEXT_JOB_SOFT_TIME_LIMIT")
+        if self.reconcile_interval_s <= 0:
+            raise ValueError("MXEXT_RECONCILE_INTERVAL must be positive")
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        # Redis redelivers an unacknowledged task after this long: longer than the longest job, or a
+        # slow job would run twice at once.
+        return self.job_hard_time_limit_s + 600
+
+    @property
+    def embedded(self) -> bool:
+        return not self.redis_url
+
+    @classmethod
+    def from_env(cls) -> ControlPlaneSettings:
+        return cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            redis_url=os.environ.get("REDIS_URL") or None,
+            reconcile_interval_s=_env_float("MXEXT_RECONCILE_INTERVAL", 30.0),
+            job_soft_time_limit_s=_env_positive("MXEXT_JOB_SOFT_TIME_LIMIT", 3600),
+            job_hard_time_limit_s=_env_positive("MXEXT_JOB_HARD_TIME_LIMIT", 3900),
+            replica_id=os.environ.get("MXEXT_REPLICA_ID") or None,
+            s3=S3Settings.from_env(),
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    control: ControlPlaneSettings = dataclasses.field(default_factory=ControlPlaneSettings)
     # The model served when none is named: MIM_MODEL_NAME (the seed's variable) or the default.
     model: str = DEFAULT_MODEL
 
@@ -127,6 +202,7 @@ class Settings:
             logging=LoggingSettings.from_env(),
             store=StoreSettings.from_env(),
             lora=LoraSettings.from_env(),
+            control=ControlPlaneSettings.from_env(),
             model=os.environ.get("MIM_MODEL_NAME") or DEFAULT_MODEL,
         )
 

@@ -40,3 +40,47 @@ def smollm2_dir(store_home: Path) -> Path:
     from app.hub.store import ModelStore
 
     return ModelStore(store_home).resolve(DEFAULT_MODEL)
+
+
+# ---- control plane: a real Postgres and Redis (this machine runs both; .ci/run starts them) ----
+
+POSTGRES_ADMIN_URL = os.environ.get("MXEXT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_TEST_URL = os.environ.get("MXEXT_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh database of its own on the machine's Postgres, migrated to head; dropped afterwards.
+    The plain `postgresql://user@host/db` form users paste into DATABASE_URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"mxext_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    url = f"{base}/{name}"
+    from app.db.migrate import upgrade
+    from app.settings import ControlPlaneSettings, Settings
+
+    upgrade(Settings(control=ControlPlaneSettings(database_url=url)))
+    yield url
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A Redis database index of this session's own (1-15), so concurrent runs do not share
+    Celery queues or hint channels."""
+    import random
+
+    import redis
+
+    index = random.randint(1, 15)
+    url = f"{REDIS_TEST_URL}/{index}"
+    client = redis.Redis.from_url(url)
+    client.ping()
+    client.close()
+    return url

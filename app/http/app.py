@@ -17,26 +17,39 @@ from litestar.openapi import OpenAPIConfig
 
 from app.http import routes_health, routes_lora, routes_openai
 from app.http.auth import api_key_middleware
+from app.http.control import ControlPlane
 from app.http.errors import EXCEPTION_HANDLERS
 from app.http.request_id import request_id_middleware
 from app.http.serve_cli import ServeConfig
 from app.http.state import EngineFactory, ServerState
+from app.settings import Settings, get_settings
 
 logger = logging.getLogger("app.http")
 
 
-def create_app(config: ServeConfig | None = None, engine_factory: EngineFactory | None = None) -> Litestar:
-    """The app for `config`; `engine_factory` (blocking, config -> engine) replaces the real loader in tests."""
+def create_app(
+    config: ServeConfig | None = None,
+    engine_factory: EngineFactory | None = None,
+    settings: Settings | None = None,
+) -> Litestar:
+    """The app for `config`; `engine_factory` (blocking, config -> engine) replaces the real loader in
+    tests; `settings` (default: the environment's) says where the control plane lives."""
     config = config or ServeConfig()
+    settings = settings or get_settings()
     state = ServerState(config, engine_factory)
+    control = ControlPlane(settings)
+    # control-plane wiring: the signal bus, the job dispatcher and the background services
+    # (each line belongs to the module it names).
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         loading = asyncio.ensure_future(state.load())
+        await control.start()
         try:
             yield
         finally:
             state.draining = True
+            await control.stop()
             if not loading.done():
                 await asyncio.wait({loading}, timeout=1.0)
             await asyncio.to_thread(state.shutdown_engine)
@@ -55,6 +68,7 @@ def create_app(config: ServeConfig | None = None, engine_factory: EngineFactory 
         logging_config=None,
     )
     app.state.server = state
+    app.state.control = control
     # Around Litestar's whole handler, not per route: unknown paths get the id (and the key check) too.
     handler = app.asgi_handler
     admin_key = state.lora.settings.admin_key
@@ -67,7 +81,6 @@ def create_app(config: ServeConfig | None = None, engine_factory: EngineFactory 
 def create_app_from_env() -> Litestar:
     """Factory for granian's command line: settings from MXEXT_SERVE_* (see serve_cli.ServeConfig)."""
     from app.logging import configure_logging
-    from app.settings import get_settings
 
     configure_logging(get_settings().logging)
     return create_app(ServeConfig.from_env())

@@ -1,0 +1,1 @@
+"""Alembic migrations for app.db (run with `mxext db upgrade`)."""
