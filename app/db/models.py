@@ -101,6 +101,8 @@ class ReplicaAdapter(Base):
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     loaded_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     reported_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Set when this replica failed to load `version` (the text says why); null while it serves it.
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class BenchmarkRun(Base):
