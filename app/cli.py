@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     migrate.add_parser(sub)
 
+    from app.jobs import worker_cli
+
+    worker_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

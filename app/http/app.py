@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
-from app.http import routes_health, routes_lora, routes_openai
+from app.http import routes_health, routes_jobs, routes_lora, routes_openai
 from app.http.auth import api_key_middleware
 from app.http.control import ControlPlane
 from app.http.errors import EXCEPTION_HANDLERS
@@ -40,6 +40,10 @@ def create_app(
     control = ControlPlane(settings)
     # control-plane wiring: the signal bus, the job dispatcher and the background services
     # (each line belongs to the module it names).
+    from app.jobs.dispatch import make_dispatcher
+
+    control.jobs = make_dispatcher(settings)
+    control.services.append(control.jobs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -55,7 +59,7 @@ def create_app(
             await asyncio.to_thread(state.shutdown_engine)
 
     app = Litestar(
-        route_handlers=[*routes_health.ROUTES, *routes_openai.ROUTES, *routes_lora.ROUTES],
+        route_handlers=[*routes_health.ROUTES, *routes_openai.ROUTES, *routes_lora.ROUTES, *routes_jobs.ROUTES],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.max_body_bytes,

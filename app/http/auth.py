@@ -4,8 +4,8 @@ Open without a key: /health, /v1/health/*, /metrics, /version and the OpenAPI sc
 balancers, Prometheus and humans reading the docs need). Everything under /v1 and the tokenizer
 routes need the key.
 
-With an admin key set, the adapter load/unload routes need it (the API key there is a 403), and
-the admin key is also accepted wherever the API key is.
+With an admin key set, the adapter load/unload routes and the job API (/v1/jobs...) need it (the
+API key there is a 403), and the admin key is also accepted wherever the API key is.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from app.http.asgi import send_error
 
 PROTECTED_EXACT = frozenset({"/tokenize", "/detokenize"})
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+ADMIN_PREFIXES = ("/v1/jobs",)  # the whole tree: /v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/cancel, ...
+
+
+def is_admin_path(path: str) -> bool:
+    return path in ADMIN_PATHS or any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES)
+
+
 OPEN_PREFIXES = ("/v1/health/",)
 
 
@@ -52,7 +59,7 @@ def api_key_middleware(api_key: str | None, admin_key: str | None = None) -> Any
         async def middleware(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] == "http" and scope["method"] != "OPTIONS":
                 path = scope["path"]
-                if admin_key and path in ADMIN_PATHS:
+                if admin_key and is_admin_path(path):
                     presented = _presented_key(scope)
                     if not _matches(presented, admin_key):
                         if presented is None:

@@ -1,0 +1,149 @@
+"""The job state machine's compare-and-set rules, on a migrated SQLite database (the embedded mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from app.db.migrate import upgrade
+from app.db.session import async_sessions, make_async_engine, sync_sessions
+from app.jobs import store
+from app.settings import Settings, StoreSettings
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    s = Settings(store=StoreSettings(home=tmp_path))
+    upgrade(s)
+    return s
+
+
+@pytest.fixture
+def db(settings):
+    """(async sessions, sync sessions) on the same SQLite file."""
+    engine = make_async_engine(settings)
+    yield async_sessions(engine), sync_sessions(settings)
+    asyncio.run(engine.dispose())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def new_job(asessions, params=None, key=None, kind="model-pull"):
+    job, created = run(store.create_job(asessions, kind, params or {"source": "/x", "name": "m"}, key))
+    return job, created
+
+
+def test_claim_then_redelivery_supersedes_the_first_attempt(db):
+    asessions, sessions = db
+    job, _ = new_job(asessions)
+    first = store.claim(sessions, job.id, "w1")
+    assert (first.attempt, first.kind, first.params) == (1, "model-pull", {"source": "/x", "name": "m"})
+    assert store.report_progress(sessions, first, 10.0)
+    second = store.claim(sessions, job.id, "w2")  # the task came back after w1 was lost
+    assert second.attempt == 2
+    # The first attempt can neither report nor finish any more; the second can.
+    assert not store.report_progress(sessions, first, 50.0)
+    assert store.poll(sessions, first) == (False, False)
+    with sessions.begin() as session:
+        assert not store.finish(session, first, "succeeded", result={"path": "a"})
+    with sessions.begin() as session:
+        assert store.finish(session, second, "succeeded", result={"path": "b"})
+    got = run(store.get_job(asessions, job.id))
+    assert (got.status, got.attempts, got.worker, got.result, got.progress) == ("succeeded", 2, "w2", {"path": "b"}, 100.0)
+    assert got.finished_at is not None and got.started_at is not None
+    # A finished job is never claimed again (a late redelivery does nothing).
+    assert store.claim(sessions, job.id, "w3") is None
+    assert run(store.get_job(asessions, job.id)).attempts == 2
+
+
+def test_only_one_finish_wins(db):
+    asessions, sessions = db
+    job, _ = new_job(asessions)
+    claim = store.claim(sessions, job.id, "w")
+    with sessions.begin() as session:
+        assert store.finish(session, claim, "failed", error="boom")
+    with sessions.begin() as session:
+        assert not store.finish(session, claim, "succeeded", result={})
+    got = run(store.get_job(asessions, job.id))
+    assert (got.status, got.error, got.result) == ("failed", "boom", None)
+
+
+def test_release_puts_a_job_back_for_a_retry(db):
+    asessions, sessions = db
+    job, _ = new_job(asessions)
+    claim = store.claim(sessions, job.id, "w")
+    assert store.release(sessions, claim, "retrying after: 503")
+    got = run(store.get_job(asessions, job.id))
+    assert (got.status, got.error) == ("queued", "retrying after: 503")
+    assert store.claim(sessions, job.id, "w").attempt == 2
+    assert store.unfinished_ids(sessions) == [job.id]
+
+
+def test_idempotency_key(db):
+    asessions, _ = db
+    job, created = new_job(asessions, key="k-1")
+    again, created_again = new_job(asessions, key="k-1")
+    assert created and not created_again and again.id == job.id
+    with pytest.raises(store.JobConflict, match="already used for job .* with other parameters"):
+        new_job(asessions, params={"source": "/y", "name": "m"}, key="k-1")
+    with pytest.raises(store.JobConflict):
+        new_job(asessions, key="k-1", kind="engine-build")
+    other, created = new_job(asessions, key="k-2")
+    assert created and other.id != job.id
+
+
+def test_cancel_queued_running_finished(db):
+    asessions, sessions = db
+    queued, _ = new_job(asessions)
+    cancelled = run(store.request_cancel(asessions, queued.id))
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert store.claim(sessions, queued.id, "w") is None  # its task finds nothing to do
+
+    running, _ = new_job(asessions)
+    claim = store.claim(sessions, running.id, "w")
+    flagged = run(store.request_cancel(asessions, running.id))
+    assert (flagged.status, flagged.cancel_requested) == ("running", True)
+    assert store.poll(sessions, claim) == (True, True)
+    with sessions.begin() as session:
+        assert store.finish(session, claim, "cancelled", error="cancelled on request")
+    with pytest.raises(store.JobConflict, match="already cancelled"):
+        run(store.request_cancel(asessions, running.id))
+    with pytest.raises(store.JobNotFound):
+        run(store.request_cancel(asessions, uuid.uuid4()))
+    with pytest.raises(store.JobNotFound):
+        run(store.get_job(asessions, "not-a-uuid"))
+
+
+def test_list_is_newest_first_with_filters_and_cursor(db):
+    asessions, sessions = db
+    ids = [new_job(asessions, params={"source": "/x", "name": f"m{i}"})[0].id for i in range(5)]
+    build, _ = new_job(asessions, kind="engine-build", params={"model": "m", "profile": "native-bf16"})
+    store.claim(sessions, ids[0], "w")
+
+    page, more = run(store.list_jobs(asessions, kind="model-pull", limit=2))
+    assert [j.id for j in page] == [ids[4], ids[3]] and more
+    page, more = run(store.list_jobs(asessions, kind="model-pull", limit=2, after=str(ids[3])))
+    assert [j.id for j in page] == [ids[2], ids[1]] and more
+    page, more = run(store.list_jobs(asessions, kind="model-pull", limit=2, after=str(ids[1])))
+    assert [j.id for j in page] == [ids[0]] and not more
+    page, _ = run(store.list_jobs(asessions, limit=100))
+    assert page[0].id == build.id and len(page) == 6
+    page, _ = run(store.list_jobs(asessions, status="running"))
+    assert [j.id for j in page] == [ids[0]]
+    page, _ = run(store.list_jobs(asessions, limit=2, offset=4))
+    assert [j.id for j in page] == [ids[1], ids[0]]
+    with pytest.raises(store.JobNotFound):
+        run(store.list_jobs(asessions, after=str(uuid.uuid4())))
+
+
+def test_job_json_has_the_documented_fields(db):
+    asessions, _ = db
+    job, _ = new_job(asessions)
+    body = store.job_json(run(store.get_job(asessions, job.id)))
+    assert set(body) >= {"id", "kind", "status", "progress", "params", "result", "error", "created_at",
+                         "started_at", "finished_at", "attempts"}  # fmt: skip
+    assert body["created_at"].endswith("Z") and body["started_at"] is None and body["status"] == "queued"
