@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
-from app.http import routes_health, routes_jobs, routes_lora, routes_openai
+from app.http import routes_adapters, routes_health, routes_jobs, routes_lora, routes_openai
 from app.http.auth import api_key_middleware
 from app.http.control import ControlPlane
 from app.http.errors import EXCEPTION_HANDLERS
@@ -40,6 +40,12 @@ def create_app(
     control = ControlPlane(settings)
     # control-plane wiring: the signal bus, the job dispatcher and the background services
     # (each line belongs to the module it names).
+    from app.http.reconciler import AdapterReconciler
+    from app.signals import make_bus
+
+    control.bus = make_bus(settings)
+    control.services += [control.bus, AdapterReconciler(state, control)]
+
     from app.jobs.dispatch import make_dispatcher
 
     control.jobs = make_dispatcher(settings)
@@ -59,7 +65,8 @@ def create_app(
             await asyncio.to_thread(state.shutdown_engine)
 
     app = Litestar(
-        route_handlers=[*routes_health.ROUTES, *routes_openai.ROUTES, *routes_lora.ROUTES, *routes_jobs.ROUTES],
+        route_handlers=[*routes_health.ROUTES, *routes_openai.ROUTES, *routes_lora.ROUTES, *routes_jobs.ROUTES,
+                        *routes_adapters.ROUTES],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.max_body_bytes,

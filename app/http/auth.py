@@ -4,8 +4,9 @@ Open without a key: /health, /v1/health/*, /metrics, /version and the OpenAPI sc
 balancers, Prometheus and humans reading the docs need). Everything under /v1 and the tokenizer
 routes need the key.
 
-With an admin key set, the adapter load/unload routes and the job API (/v1/jobs...) need it (the
-API key there is a 403), and the admin key is also accepted wherever the API key is.
+With an admin key set, the adapter load/unload routes, the job API (/v1/jobs...) and the fleet
+adapter API (/v1/adapters...) need it (the API key there is a 403), and the admin key is also
+accepted wherever the API key is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from app.http.asgi import send_error
 
 PROTECTED_EXACT = frozenset({"/tokenize", "/detokenize"})
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
-ADMIN_PREFIXES = ("/v1/jobs",)  # the whole tree: /v1/jobs, /v1/jobs/{id}, /v1/jobs/{id}/cancel, ...
+ADMIN_PREFIXES = ("/v1/jobs", "/v1/adapters")  # whole trees: /v1/jobs/{id}/cancel, /v1/adapters/{name}, ...
 
 
 def is_admin_path(path: str) -> bool:
