@@ -12,7 +12,7 @@ from typing import Any
 
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from app.db.models import JOB_KINDS, JOB_STATUSES
 from app.http.control import ControlPlane
@@ -92,11 +92,11 @@ async def submit_benchmark(request: Request, data: JSONBody[BenchmarkParams]) ->
 @get("/v1/jobs", summary="Jobs, newest first (filter by kind and status; page with after= or offset=)", responses=RESPONSES)
 async def list_jobs(
     request: Request,
-    kind: str | None = None,
-    status: str | None = None,
-    limit: int = 20,
-    after: str | None = None,
-    offset: int = 0,
+    kind: FromQuery[str | None] = None,
+    status: FromQuery[str | None] = None,
+    limit: FromQuery[int] = 20,
+    after: FromQuery[str | None] = None,
+    offset: FromQuery[int] = 0,
 ) -> dict[str, Any]:
     sessions = _control(request).require_sessions()
     if kind is not None and kind not in JOB_KINDS:
@@ -117,7 +117,7 @@ async def list_jobs(
 
 
 @get("/v1/jobs/{job_id:str}", summary="One job", responses=RESPONSES)
-async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+async def get_job(request: Request, job_id: FromPath[str]) -> dict[str, Any]:
     sessions = _control(request).require_sessions()
     try:
         return store.job_json(await store.get_job(sessions, job_id))
@@ -127,7 +127,7 @@ async def get_job(request: Request, job_id: str) -> dict[str, Any]:
 
 @post("/v1/jobs/{job_id:str}/cancel", summary="Cancel a job (queued: at once; running: at its next check)",
       status_code=200, responses=RESPONSES)  # fmt: skip
-async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+async def cancel_job(request: Request, job_id: FromPath[str]) -> dict[str, Any]:
     sessions = _control(request).require_sessions()
     try:
         return store.job_json(await store.request_cancel(sessions, job_id))

@@ -44,6 +44,8 @@ class LoraConversionParams(msgspec.Struct, forbid_unknown_fields=True):
     to_format: str
     from_format: str | None = None  # None: detected from what lies at the source
     register: bool = False
+    base_model: str | None = None  # a store model or folder: the layout NeMo / bare TensorRT-LLM files need
+    dtype: str | None = None  # float16 | float32, for trtllm output
 
 
 class EngineBuildParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -243,4 +245,5 @@ def normalise(kind: str, params: msgspec.Struct) -> dict[str, Any]:
     if not isinstance(params, spec.params):
         raise ParamsError(f"{kind} takes {spec.params.__name__}")
     spec.check(params)
-    return msgspec.to_builtins(params)
+    # Unset optional fields are left out, so the stored params read as the user wrote them.
+    return {k: v for k, v in msgspec.to_builtins(params).items() if v is not None}

@@ -38,11 +38,8 @@ def job_server(settings: Settings, admin_key: str | None = None) -> Iterator[Any
     from app.http.serve_cli import ServeConfig
     from app.http.testing import FakeEngine
 
-    if admin_key:
-        import dataclasses
-
-        settings = dataclasses.replace(settings, lora=dataclasses.replace(settings.lora, admin_key=admin_key))
-    app = create_app(ServeConfig(model="fake"), engine_factory=lambda _: FakeEngine(), settings=settings)
+    config = ServeConfig(model="fake", admin_key=admin_key)
+    app = create_app(config, engine_factory=lambda _: FakeEngine(), settings=settings)
     with TestClient(app, timeout=30) as client:
         yield client
 
