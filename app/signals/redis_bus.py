@@ -20,6 +20,7 @@ from app.signals.messages import Signal, decode_signal, encode_signal
 logger = logging.getLogger("app.signals")
 
 CONNECT_TIMEOUT_S = 3.0
+PUBLISH_CONNECT_TIMEOUT_S = 1.0  # an admin request waits on it: fail fast, the timer covers a lost hint
 HEALTH_CHECK_S = 10  # a PING on the idle subscription, so a silently dead connection is noticed
 FIRST_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 5.0
@@ -45,15 +46,20 @@ class RedisBus:
 
     async def publish(self, signal: Signal) -> bool:
         """PUBLISH `signal`; False (logged) when Redis is unreachable: the reconcile timer covers it."""
-        if self._publisher is None:
-            self._publisher = _client(self.url)
-        try:
-            await self._publisher.publish(self.channel, encode_signal(signal))
-            return True
-        except (redis.RedisError, OSError) as exc:
-            logger.warning("could not publish %s on %s (%s); replicas catch up on their reconcile timer",
-                           signal.kind, self.channel, exc)  # fmt: skip
-            return False
+        for attempt in (1, 2):  # a pooled connection may be dead (Redis restarted): once more on a fresh one
+            if self._publisher is None:
+                self._publisher = _client(self.url, connect_timeout=PUBLISH_CONNECT_TIMEOUT_S)
+            try:
+                await self._publisher.publish(self.channel, encode_signal(signal))
+                return True
+            except (redis.RedisError, OSError) as exc:
+                publisher, self._publisher = self._publisher, None
+                with contextlib.suppress(Exception):
+                    await publisher.aclose()
+                if attempt == 2:
+                    logger.warning("could not publish %s on %s (%s); replicas catch up on their reconcile timer",
+                                   signal.kind, self.channel, exc)  # fmt: skip
+        return False
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="signal-bus-listener")
@@ -125,10 +131,10 @@ class RedisBus:
                 logger.exception("reconnect callback failed")
 
 
-def _client(url: str) -> aioredis.Redis:
+def _client(url: str, connect_timeout: float = CONNECT_TIMEOUT_S) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_connect_timeout=connect_timeout,
         socket_timeout=None,  # the subscription waits for messages; get_message has its own timeout
         health_check_interval=HEALTH_CHECK_S,
     )
