@@ -83,6 +83,9 @@ def _check_conversion(p: LoraConversionParams) -> None:
     if not p.to_format:
         raise ParamsError("to_format: name the format to convert into (peft, nemo or trtllm)", "to_format")
     p.from_format = _as_params_error(lambda: normalise_format(p.from_format, "from_format"), "from_format")
+    if p.register and p.to_format != "peft":
+        raise ParamsError(f"register: servers load PEFT adapters; convert to_format \"peft\" to register, or set "
+                          f"register false to keep the {p.to_format} output in the store only", "register")  # fmt: skip
 
 
 def _check_build(p: EngineBuildParams) -> None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -137,6 +139,7 @@ def _succeed(sessions: sessionmaker[Session], claim: store.Claim, spec: JobKind,
             session.commit()
     except Exception as exc:  # noqa: BLE001 - e.g. the registry refused the adapter
         logger.exception("job %s: recording the result failed", claim.job_id)
+        _remove_output(settings, result)
         return _finish(sessions, claim, "failed", error=f"the work finished but recording it failed: {type(exc).__name__}: {exc}")
     logger.info("job %s (%s): succeeded", claim.job_id, claim.kind)
     if spec.after_commit is not None:
@@ -145,6 +148,14 @@ def _succeed(sessions: sessionmaker[Session], claim: store.Claim, spec: JobKind,
         except Exception:  # noqa: BLE001 - a lost hint is repaired by the next reconcile
             logger.exception("job %s: the after-commit hint failed (replicas catch up on their timer)", claim.job_id)
     return "succeeded"
+
+
+def _remove_output(settings: Settings, result: dict[str, Any]) -> None:
+    """A job that fails after its service wrote its output leaves nothing behind in the store."""
+    path = Path(str(result.get("path") or ""))
+    store_dirs = (settings.store.models_dir.resolve(), settings.store.adapters_dir.resolve())
+    if path.name and path.exists() and path.resolve().parent in store_dirs:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _finish(sessions: sessionmaker[Session], claim: store.Claim, status: str, *, error: str | None = None) -> str:
