@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # disk, while an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup setup-dev serve test model bench-offline clean
+.PHONY: setup setup-dev serve worker test model bench-offline clean
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,16 @@ setup: $(VENV)/.stamp-base
 
 setup-dev: $(VENV)/.stamp-dev setup
 
-## serve: the OpenAI-compatible server on port 8000 with the embedded default model
+## serve: the OpenAI-compatible server on port 8000 with the embedded default model; the control
+## plane's database (DATABASE_URL, else SQLite in the store) is migrated first
 serve: setup
+	$(VENV)/bin/mxext db upgrade
 	$(VENV)/bin/mxext serve --port $${PORT:-8000}
+
+## worker: a Celery worker for the job API (needs REDIS_URL and DATABASE_URL)
+worker: setup
+	$(VENV)/bin/mxext db upgrade
+	$(VENV)/bin/mxext worker
 
 ## test: the whole suite (GPU tests skip on CPU)
 test: setup-dev
