@@ -96,13 +96,13 @@ def check_adapter_name(name: str) -> None:
         raise AdapterRegistrationError(f"name {name!r} is not a valid adapter name: {ADAPTER_NAME_RULE}", "name")
 
 
-def adapter_digest(path: Path) -> str:
-    """sha256 over the folder's regular files in name order (relative name, NUL, bytes each)."""
+def adapter_digest(folder: Path) -> str:
+    """sha256 over the folder's files in order of their relative names: name, NUL, bytes for each
+    (the digest the conversion service reports for its outputs)."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
-        with open(file, "rb") as handle:
+    for name in sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()):
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
