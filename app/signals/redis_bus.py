@@ -137,6 +137,7 @@ def _client(url: str, connect_timeout: float = CONNECT_TIMEOUT_S) -> aioredis.Re
         socket_connect_timeout=connect_timeout,
         socket_timeout=None,  # the subscription waits for messages; get_message has its own timeout
         health_check_interval=HEALTH_CHECK_S,
+        socket_keepalive=True,  # a peer gone without a word is noticed eventually; the timer covers meanwhile
     )
 
 
