@@ -13,7 +13,6 @@ The functions here flush but never commit: the caller commits, then publishes th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from app.adapters.digest import folder_digest
 from app.adapters.lora_config import ADAPTER_NAME_PATTERN, ADAPTER_NAME_RULE, FORMATS
 from app.adapters.security import AdapterPathError, check_adapter_path
 from app.db.models import LoraAdapter, ReplicaAdapter, utcnow
@@ -97,15 +97,8 @@ def check_adapter_name(name: str) -> None:
 
 
 def adapter_digest(folder: Path) -> str:
-    """sha256 over the folder's files in order of their relative names: name, NUL, bytes for each
-    (the digest the conversion service reports for its outputs)."""
-    digest = hashlib.sha256()
-    for name in sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()):
-        digest.update(name.encode() + b"\0")
-        with open(folder / name, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """The digest the conversion service reports for its outputs (app.adapters.digest)."""
+    return folder_digest(folder)
 
 
 def inspect_adapter(raw_path: str, roots: Sequence[Path], *, format: str = "peft", max_rank: int = 32) -> AdapterFacts:

@@ -6,7 +6,6 @@ so a failed or cancelled job leaves nothing in the adapters folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -16,6 +15,7 @@ from app.adapters.convert.adapter import Adapter, ModelLayout
 from app.adapters.convert.detect import FORMATS, NEMO_CONFIG, detect_format, normalise_format
 from app.adapters.convert.nemo_format import read_nemo, write_nemo
 from app.adapters.convert.peft_format import read_peft, write_peft
+from app.adapters.digest import folder_digest, folder_files
 from app.adapters.convert.trtllm_format import OUTPUT_DTYPES, read_trtllm, write_trtllm
 from app.adapters.lora_config import ADAPTER_NAME_PATTERN, ADAPTER_NAME_RULE
 from app.adapters.security import AdapterPathError, check_adapter_path
@@ -165,12 +165,5 @@ def _base_layout(raw: object, settings: Settings, *, required: bool) -> ModelLay
 
 
 def _digest(folder: Path) -> tuple[list[str], str]:
-    """The output's file names (sorted) and one sha256 over each file's name, a NUL and its bytes, in that order."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for name in files:
-        digest.update(name.encode() + b"\0")
-        with open(folder / name, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return files, digest.hexdigest()
+    """The output's file names (sorted) and the folder digest (app.adapters.digest)."""
+    return folder_files(folder), folder_digest(folder)
