@@ -47,7 +47,9 @@ class CeleryDispatcher:
         if self._celery is None:
             raise EnqueueError("the job dispatcher has not started")
         try:
-            await asyncio.to_thread(self._celery.send_task, TASK_NAME, args=[str(job_id)])
+            # ignore_result: the row in the database is the job's state, nobody waits on Celery's
+            # AsyncResult; without it every send subscribes to the task's result channel first.
+            await asyncio.to_thread(self._celery.send_task, TASK_NAME, args=[str(job_id)], ignore_result=True)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
             raise EnqueueError(f"could not enqueue the job on Redis ({type(exc).__name__}: {exc})") from exc
 
