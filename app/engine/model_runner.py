@@ -176,6 +176,9 @@ class ModelRunner:
 
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        if self.cpu_kernels is not None:
+            meta.cpu_kernels = self.cpu_kernels
+            self._kernel_rows(meta, ordered, pos_t)
         hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta, lora_batch)
 
         sampling = [item for item in ordered if item.sample]
@@ -189,6 +192,18 @@ class ModelRunner:
                 last_rows.append(row - 1)
         rows = hidden[torch.tensor(last_rows, device=dev)] if len(last_rows) != hidden.shape[0] else hidden
         return self.model.logits(rows), sampling
+
+
+    def _kernel_rows(self, meta: AttentionMetadata, ordered: list[ScheduledSeq], pos_t: torch.Tensor) -> None:
+        """Every row's block table and context length for the CPU kernel (one call per layer)."""
+        bs = self.block_size
+        ctx = [item.seq.num_computed_tokens + item.num_new_tokens for item in ordered]
+        max_blocks = max(-(-c // bs) for c in ctx)
+        tables = [item.seq.block_table[:max_blocks] for item in ordered]
+        per_seq = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
+        counts = [item.num_new_tokens for item in ordered]
+        meta.row_block_tables = per_seq if max(counts) == 1 else per_seq.repeat_interleave(torch.tensor(counts), dim=0)
+        meta.row_context_lens = pos_t + 1
 
 
 def _slot_of(item: ScheduledSeq) -> int:

@@ -1,8 +1,10 @@
-// Decode attention straight from the paged KV cache, for CPU.
+// Attention straight from the paged KV cache, for CPU: decode rows and prefill rows alike.
 //
-// One query token per sequence attends to its first ctx_len cached tokens, read in place through
+// Each query row attends to the first ctx_len cached tokens of its sequence (a decode row: the
+// whole context; a prefill row at position p: p + 1 tokens, which is causal attention, and the
+// step's own K/V are written to the cache before the call), read in place through
 // the block table: no gathered copy of K/V is made (on 2 cores that copy cost more than the
-// attention itself). One task per sequence; accumulation in float32 in registers, each K/V row
+// attention itself). One row per task; accumulation in float32 in registers, each K/V row
 // widened once and shared by the query heads of its KV head.
 //
 // Layouts: K [num_blocks, KVH, D, 16] (transposed within a block: q·k for 16 tokens is 16-wide
@@ -10,6 +12,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -58,9 +61,13 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   T* op = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // Rows are dealt out round-robin, not in contiguous ranges: the rows of a prefill chunk come in
+  // order of growing context (causal), so contiguous ranges would hand one thread all the long ones.
+  const int64_t lanes = std::min<int64_t>(batch, std::max<int64_t>(1, at::get_num_threads()));
+  at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
     std::vector<float> qf(num_heads * head_dim), scores;
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t lane = lane_begin; lane < lane_end; ++lane)
+    for (int64_t b = lane; b < batch; b += lanes) {
       const int64_t len = lp[b];
       const int64_t nblocks = (len + kBlock - 1) / kBlock;
       const int64_t stride = nblocks * kBlock;
