@@ -168,6 +168,7 @@ def bench_server(kind: str, a: argparse.Namespace, adapters: list[Path], probe: 
             for path in adapters:
                 post(base + "/v1/load_lora_adapter", {"lora_name": path.name, "lora_path": str(path)})
             load_s, first_token_s = load_to_first_token(base, probe.name, probe)
+            print(f"  {kind}: load call {load_s:.3f} s, load returned -> first token {first_token_s:.3f} s", flush=True)
             runs = {"base": [], "lora": []}
             for r in range(a.repeats):
                 seed = a.seed + r
