@@ -156,6 +156,11 @@ class ControlPlaneSettings:
     job_soft_time_limit_s: int = 3600  # MXEXT_JOB_SOFT_TIME_LIMIT: the task is asked to stop
     job_hard_time_limit_s: int = 3900  # MXEXT_JOB_HARD_TIME_LIMIT: the worker child is killed
     replica_id: str | None = None  # MXEXT_REPLICA_ID: this server's name in the fleet (default host:port)
+    # MXEXT_SIGNAL_CHANNEL: the Redis pub/sub channel of adapter hints. Channels span Redis db
+    # indexes, so deployments (or test runs) sharing one Redis need channels of their own.
+    signal_channel: str = "mxext:signals"
+    # MXEXT_VISIBILITY_TIMEOUT: redelivery delay after a lost worker (default: hard limit + 10 min)
+    visibility_timeout_override_s: int | None = None
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
 
     def __post_init__(self) -> None:
@@ -167,8 +172,8 @@ class ControlPlaneSettings:
     @property
     def visibility_timeout_s(self) -> int:
         # Redis redelivers an unacknowledged task after this long: longer than the longest job, or a
-        # slow job would run twice at once.
-        return self.job_hard_time_limit_s + 600
+        # slow job would run twice at once (an override is for tests and short-job deployments).
+        return self.visibility_timeout_override_s or self.job_hard_time_limit_s + 600
 
     @property
     def embedded(self) -> bool:
@@ -183,6 +188,9 @@ class ControlPlaneSettings:
             job_soft_time_limit_s=_env_positive("MXEXT_JOB_SOFT_TIME_LIMIT", 3600),
             job_hard_time_limit_s=_env_positive("MXEXT_JOB_HARD_TIME_LIMIT", 3900),
             replica_id=os.environ.get("MXEXT_REPLICA_ID") or None,
+            signal_channel=(os.environ.get("MXEXT_SIGNAL_CHANNEL") or "").strip() or "mxext:signals",
+            visibility_timeout_override_s=_env_positive("MXEXT_VISIBILITY_TIMEOUT", 1)
+            if (os.environ.get("MXEXT_VISIBILITY_TIMEOUT") or "").strip() else None,
             s3=S3Settings.from_env(),
         )
 

@@ -7,10 +7,7 @@ worker, for tests; by default it is the hard time limit plus ten minutes.
 
 from __future__ import annotations
 
-import os
-
 from app.jobs.celery_config import make_celery
 from app.settings import get_settings
 
-_override = os.environ.get("MXEXT_VISIBILITY_TIMEOUT")
-app = make_celery(get_settings(), visibility_timeout_s=int(_override) if _override else None, include=("workers.tasks",))
+app = make_celery(get_settings(), include=("workers.tasks",))

@@ -35,7 +35,11 @@ def run_worker(args: argparse.Namespace) -> int:
         print("mxext worker: --concurrency must be at least 1", file=sys.stderr)
         return 2
     if args.visibility_timeout is not None:
-        os.environ["MXEXT_VISIBILITY_TIMEOUT"] = str(args.visibility_timeout)
+        if args.visibility_timeout < 1:
+            print("mxext worker: --visibility-timeout must be at least 1 second", file=sys.stderr)
+            return 2
+        os.environ["MXEXT_VISIBILITY_TIMEOUT"] = str(args.visibility_timeout)  # for prefork children too
+        get_settings.cache_clear()  # the Celery app below reads the settings again, with it
     from workers.celery_app import app
 
     argv = ["worker", f"--concurrency={args.concurrency}", f"--pool={args.pool}", f"--loglevel={args.loglevel}",

@@ -8,7 +8,6 @@ a reconcile timer covers any hint that is lost.
 
 from __future__ import annotations
 
-import os
 
 from app.settings import Settings
 from app.signals.base import SignalBus
@@ -30,10 +29,10 @@ __all__ = [
 ]
 
 
-def signal_channel() -> str:
-    """The pub/sub channel (MXEXT_SIGNAL_CHANNEL): channels span Redis db indexes, so deployments or
-    test runs that share one Redis server need names of their own."""
-    return os.environ.get("MXEXT_SIGNAL_CHANNEL", "").strip() or DEFAULT_CHANNEL
+def signal_channel(settings: Settings) -> str:
+    """The pub/sub channel (settings.control.signal_channel, MXEXT_SIGNAL_CHANNEL): channels span
+    Redis db indexes, so deployments or test runs that share one Redis server need names of their own."""
+    return settings.control.signal_channel.strip() or DEFAULT_CHANNEL
 
 
 def make_bus(settings: Settings) -> SignalBus:
@@ -41,7 +40,7 @@ def make_bus(settings: Settings) -> SignalBus:
     if settings.control.redis_url:
         from app.signals.redis_bus import RedisBus
 
-        return RedisBus(settings.control.redis_url, signal_channel())
+        return RedisBus(settings.control.redis_url, signal_channel(settings))
     return InProcessBus(HUB)
 
 
@@ -52,6 +51,6 @@ def publish_adapters_changed_sync(settings: Settings, reason: str) -> bool:
     if settings.control.redis_url:
         from app.signals.redis_bus import publish_sync
 
-        return publish_sync(settings.control.redis_url, signal_channel(), signal)
+        return publish_sync(settings.control.redis_url, signal_channel(settings), signal)
     HUB.publish(signal)
     return True

@@ -71,8 +71,7 @@ async def test_embedded_publish_reaches_the_process_wide_bus():
 async def test_redis_bus_choice_and_a_publish_to_nowhere_is_false_not_an_error(monkeypatch):
     from app.signals.redis_bus import RedisBus
 
-    monkeypatch.setenv("MXEXT_SIGNAL_CHANNEL", "mxext:test:channel")
-    settings = Settings(control=ControlPlaneSettings(redis_url="redis://127.0.0.1:1/0"))
+    settings = Settings(control=ControlPlaneSettings(redis_url="redis://127.0.0.1:1/0", signal_channel="mxext:test:channel"))
     bus = make_bus(settings)
     assert isinstance(bus, RedisBus) and bus.channel == "mxext:test:channel"
     started = time.monotonic()
@@ -87,4 +86,6 @@ def test_default_channel(monkeypatch, channel):
     from app.signals import signal_channel
 
     monkeypatch.setenv("MXEXT_SIGNAL_CHANNEL", channel)
-    assert signal_channel() == "mxext:signals"
+    assert signal_channel(Settings(control=ControlPlaneSettings.from_env())) == "mxext:signals"
+    monkeypatch.setenv("MXEXT_SIGNAL_CHANNEL", "mine")
+    assert signal_channel(Settings(control=ControlPlaneSettings.from_env())) == "mine"
