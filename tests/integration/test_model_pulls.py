@@ -295,3 +295,16 @@ def test_unreachable_s3_is_transient(tmp_path: Path) -> None:
         pull_model({"source": f"s3://{BUCKET}/{PREFIX}", "name": "tiny"}, ctx)
     assert store_entries(ctx) == []
 
+
+
+def test_redelivered_pull_completes_from_its_own_output(model_src: Path, tmp_path: Path) -> None:
+    """A worker lost after the rename but before the row update: the redelivered attempt of the same
+    job completes from the manifest instead of failing on its own output; another job still fails."""
+    ctx, _ = make_ctx(tmp_path)
+    first = pull_model({"source": str(model_src), "name": "redelivered"}, ctx)
+    again = pull_model({"source": str(model_src), "name": "redelivered"}, ctx)
+    assert again == first
+    other, _ = make_ctx(tmp_path)
+    other.job_id = "job-2"
+    with pytest.raises(JobError, match="already exists"):
+        pull_model({"source": str(model_src), "name": "redelivered"}, other)
