@@ -28,30 +28,103 @@ class EnqueueError(RuntimeError):
 
 
 class CeleryDispatcher:
+    """Publishes `mxext.run_job` messages with Celery, coalescing concurrent submissions.
+
+    Submissions that arrive while a publish is in flight (or in the same event-loop tick) are sent
+    together: one hop to the sender thread, Celery's own message for each job (`send_task`, so the
+    wire format is Celery's), and one Redis pipeline for all of them (kombu's `Producer.batch()`).
+    A lone submission pays the same one thread hop and round trip it always did. Errors stay per
+    request: every submission of a batch that could not be published gets EnqueueError (its caller
+    answers 503 and fails the row). A batch whose pipeline failed part-way may have delivered some
+    messages; their jobs are failed by their callers, and a worker's claim (a compare-and-set on
+    `queued`/`running`) then finds nothing to run.
+    """
+
+    MAX_BATCH = 256  # messages per pipeline (kombu flushes by itself at 1000 commands)
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._celery = None
+        self._pending: list[tuple[str, asyncio.Future[None]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+        # One sender thread: publishes never run in parallel (they are batched instead), and the
+        # producer it takes from Celery's pool stays warm between batches.
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
         from app.jobs.celery_config import make_celery
 
         self._celery = make_celery(self.settings)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mxext-enqueue")
 
     async def stop(self) -> None:
+        if self._drainer is not None and not self._drainer.done():
+            await asyncio.wait({self._drainer}, timeout=10.0)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
         if self._celery is not None:
-            await asyncio.to_thread(self._celery.close)
+            celery, self._celery = self._celery, None
+            await asyncio.to_thread(celery.close)
 
     async def submit(self, job_id: uuid.UUID) -> None:
+        if self._celery is None or self._executor is None:
+            raise EnqueueError("the job dispatcher has not started")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append((str(job_id), future))
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain())
+        await future
+
+    async def _drain(self) -> None:
+        """Publish what is pending, batch after batch, until nothing is left."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(0)  # let the submissions of this tick join the first batch
+            while self._pending:
+                batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
+                ids = [job_id for job_id, _ in batch]
+                try:
+                    if self._executor is None:
+                        raise RuntimeError("the job dispatcher has stopped")
+                    error = await loop.run_in_executor(self._executor, self._publish, ids)
+                except Exception as exc:  # noqa: BLE001 - e.g. the executor shut down under us
+                    error = exc
+                for _, future in batch:
+                    if future.done():  # its request went away; the job is queued (or failed) anyway
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(
+                            EnqueueError(f"could not enqueue the job on Redis ({type(error).__name__}: {error})")
+                        )
+        finally:
+            self._drainer = None
+            if self._pending:  # cancelled mid-way (shutdown): nobody will publish these
+                for _, future in self._pending:
+                    if not future.done():
+                        future.set_exception(EnqueueError("the job dispatcher is stopping"))
+                self._pending = []
+
+    def _publish(self, ids: list[str]) -> Exception | None:
+        """In the sender thread: one Celery message per job, one Redis pipeline for them all (kombu
+        falls back to one LPUSH each where the Redis client would retry a pipeline by itself)."""
         from app.jobs.celery_config import TASK_NAME
 
-        if self._celery is None:
-            raise EnqueueError("the job dispatcher has not started")
+        celery = self._celery
+        if celery is None:
+            return RuntimeError("the job dispatcher has stopped")
         try:
-            # ignore_result: the row in the database is the job's state, nobody waits on Celery's
-            # AsyncResult; without it every send subscribes to the task's result channel first.
-            await asyncio.to_thread(self._celery.send_task, TASK_NAME, args=[str(job_id)], ignore_result=True)
+            with celery.producer_or_acquire() as producer, producer.batch(max_size=self.MAX_BATCH + 1):
+                for job_id in ids:
+                    # ignore_result: the row in the database is the job's state, nobody waits on
+                    # Celery's AsyncResult; without it every send subscribes to the result channel.
+                    celery.send_task(TASK_NAME, args=[job_id], ignore_result=True, producer=producer)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
-            raise EnqueueError(f"could not enqueue the job on Redis ({type(exc).__name__}: {exc})") from exc
+            return exc
+        return None
 
 
 class EmbeddedRunner:

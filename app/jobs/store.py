@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import uuid
 from typing import Any
 
-from sqlalchemy import Select, and_, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import FINISHED, Job, utcnow
@@ -65,7 +65,38 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def job_json(job: Job) -> dict[str, Any]:
+@dataclasses.dataclass(slots=True)
+class JobRecord:
+    """A job row as the API side reads it (plain values, no ORM session behind it). The fields are
+    the `jobs` table's columns, in table order."""
+
+    id: uuid.UUID
+    kind: str
+    status: str
+    progress: float
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    idempotency_key: str | None
+    attempts: int
+    worker: str | None
+    cancel_requested: bool
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+
+
+JOBS = Job.__table__
+_ALL = tuple(JOBS.c)
+assert [f.name for f in dataclasses.fields(JobRecord)] == [c.name for c in _ALL], "JobRecord must follow the jobs table"
+
+
+def _record(row: Any) -> JobRecord:
+    return JobRecord(*row)
+
+
+def job_json(job: JobRecord | Job) -> dict[str, Any]:
     """The job as the API shows it."""
     return {
         "id": str(job.id),
@@ -85,36 +116,73 @@ def job_json(job: Job) -> dict[str, Any]:
 
 
 # ---- API side (async) ----------------------------------------------------------------------------
+#
+# Every call is SQLAlchemy Core on one pooled connection in autocommit mode: each statement is its own
+# transaction, so a submission is one `INSERT` round trip (no BEGIN/COMMIT, no ORM unit of work) and
+# a read one `SELECT`. Every write is still a single statement whose WHERE clause is the
+# compare-and-set, so nothing here needs a multi-statement transaction.
+
+Sessions = async_sessionmaker[AsyncSession] | AsyncEngine
+
+
+@functools.lru_cache(maxsize=16)
+def _autocommit(engine: AsyncEngine) -> AsyncEngine:
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _connect(sessions: Sessions) -> Any:
+    """A connection (async context manager) in autocommit mode on the sessions' engine."""
+    engine = sessions if isinstance(sessions, AsyncEngine) else sessions.kw["bind"]
+    return _autocommit(engine).connect()
+
+
+_SELECT = select(*_ALL)
+_GET = _SELECT.where(JOBS.c.id == bindparam("id"))
+_BY_KEY = _SELECT.where(JOBS.c.idempotency_key == bindparam("key"))
+_INSERT = insert(JOBS)
+
+
+@functools.lru_cache(maxsize=4)
+def _insert_if_new(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, for this dialect."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - session.database_url only makes these two
+        raise ValueError(f"no ON CONFLICT insert for {dialect}")
+    return dialect_insert(JOBS).on_conflict_do_nothing(index_elements=[JOBS.c.idempotency_key]).returning(JOBS.c.id)
 
 
 async def create_job(
-    sessions: async_sessionmaker[AsyncSession], kind: str, params: dict[str, Any], idempotency_key: str | None = None
-) -> tuple[Job, bool]:
-    """A new queued job, or the existing one for a repeated idempotency key: (job, created)."""
-    if idempotency_key is not None:
-        existing = await _by_key(sessions, idempotency_key)
-        if existing is not None:
-            return _same_request(existing, kind, params, idempotency_key), False
-    job = Job(id=uuid.uuid4(), kind=kind, status="queued", progress=0.0, params=params, idempotency_key=idempotency_key,
-              attempts=0, cancel_requested=False, created_at=utcnow())  # fmt: skip
-    try:
-        async with sessions() as session, session.begin():
-            session.add(job)
-    except IntegrityError:
-        # Two submissions with one key raced; the other insert won.
-        existing = await _by_key(sessions, idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise
-        return _same_request(existing, kind, params, idempotency_key or ""), False
-    return job, True
+    sessions: Sessions, kind: str, params: dict[str, Any], idempotency_key: str | None = None
+) -> tuple[JobRecord, bool]:
+    """A new queued job, or the existing one for a repeated idempotency key: (job, created).
+
+    One round trip for a new job: with a key, `INSERT ... ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id`; when the key is taken, the job that holds it is read and compared."""
+    now = utcnow()
+    job = JobRecord(uuid.uuid4(), kind, "queued", 0.0, params, None, None, idempotency_key, 0, None, False, now,
+                    None, None, now)  # fmt: skip
+    # The unset columns (result, error, worker, started_at, finished_at) are left to the database's
+    # NULL, as the ORM insert did (a None for a JSON column would be stored as JSON null).
+    values = {"id": job.id, "kind": kind, "status": "queued", "progress": 0.0, "params": params,
+              "idempotency_key": idempotency_key, "attempts": 0, "cancel_requested": False,
+              "created_at": now, "updated_at": now}  # fmt: skip
+    async with _connect(sessions) as conn:
+        if idempotency_key is None:
+            await conn.execute(_INSERT, values)
+            return job, True
+        for _ in range(3):  # the holder of the key can only vanish if someone deletes jobs by hand
+            if (await conn.execute(_insert_if_new(conn.dialect.name), values)).first() is not None:
+                return job, True
+            row = (await conn.execute(_BY_KEY, {"key": idempotency_key})).first()
+            if row is not None:
+                return _same_request(_record(row), kind, params, idempotency_key), False
+    raise RuntimeError(f"Idempotency-Key {idempotency_key!r}: the job holding it keeps disappearing")
 
 
-async def _by_key(sessions: async_sessionmaker[AsyncSession], key: str) -> Job | None:
-    async with sessions() as session:
-        return (await session.execute(select(Job).where(Job.idempotency_key == key))).scalar_one_or_none()
-
-
-def _same_request(existing: Job, kind: str, params: dict[str, Any], key: str) -> Job:
+def _same_request(existing: JobRecord, kind: str, params: dict[str, Any], key: str) -> JobRecord:
     if existing.kind != kind or existing.params != params:
         raise JobConflict(
             f"Idempotency-Key {key!r} was already used for job {existing.id} ({existing.kind}) with other "
@@ -123,75 +191,94 @@ def _same_request(existing: Job, kind: str, params: dict[str, Any], key: str) ->
     return existing
 
 
-async def get_job(sessions: async_sessionmaker[AsyncSession], job_id: str | uuid.UUID) -> Job:
+def _not_found(job_id: Any) -> JobNotFound:
+    return JobNotFound(f"No job with id {job_id!r}; list jobs with GET /v1/jobs")
+
+
+async def get_job(sessions: Sessions, job_id: str | uuid.UUID) -> JobRecord:
     parsed = parse_id(job_id)
     if parsed is not None:
-        async with sessions() as session:
-            job = await session.get(Job, parsed)
-            if job is not None:
-                return job
-    raise JobNotFound(f"No job with id {job_id!r}; list jobs with GET /v1/jobs")
+        async with _connect(sessions) as conn:
+            row = (await conn.execute(_GET, {"id": parsed})).first()
+        if row is not None:
+            return _record(row)
+    raise _not_found(job_id)
 
 
 async def list_jobs(
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: Sessions,
     *,
     kind: str | None = None,
     status: str | None = None,
     limit: int = 20,
     after: str | None = None,
     offset: int = 0,
-) -> tuple[list[Job], bool]:
+) -> tuple[list[JobRecord], bool]:
     """Newest first; `after` is the id of the last job of the previous page. Returns (jobs, has_more)."""
     limit = max(1, min(MAX_PAGE, limit))
-    query: Select[tuple[Job]] = select(Job)
+    query = _SELECT
     if kind:
-        query = query.where(Job.kind == kind)
+        query = query.where(JOBS.c.kind == kind)
     if status:
-        query = query.where(Job.status == status)
-    async with sessions() as session:
+        query = query.where(JOBS.c.status == status)
+    async with _connect(sessions) as conn:
         if after is not None:
-            cursor = await session.get(Job, parse_id(after)) if parse_id(after) else None
+            parsed = parse_id(after)
+            cursor = (
+                (await conn.execute(select(JOBS.c.created_at, JOBS.c.id).where(JOBS.c.id == parsed))).first()
+                if parsed is not None
+                else None
+            )
             if cursor is None:
                 raise JobNotFound(f"after={after!r} is not the id of a job; pass the last id of the previous page")
             query = query.where(
-                or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
-            )
-        query = query.order_by(Job.created_at.desc(), Job.id.desc()).offset(max(0, offset)).limit(limit + 1)
-        jobs = list((await session.execute(query)).scalars())
+                or_(JOBS.c.created_at < cursor.created_at,
+                    and_(JOBS.c.created_at == cursor.created_at, JOBS.c.id < cursor.id))
+            )  # fmt: skip
+        query = query.order_by(JOBS.c.created_at.desc(), JOBS.c.id.desc()).offset(max(0, offset)).limit(limit + 1)
+        jobs = [_record(row) for row in await conn.execute(query)]
     return jobs[:limit], len(jobs) > limit
 
 
-async def request_cancel(sessions: async_sessionmaker[AsyncSession], job_id: str | uuid.UUID) -> Job:
+_CANCEL_QUEUED = (
+    update(JOBS).where(JOBS.c.id == bindparam("job_id"), JOBS.c.status == "queued")
+    .values(status="cancelled", error="cancelled before it started", finished_at=bindparam("now"),
+            updated_at=bindparam("now"))
+    .returning(*_ALL)
+)  # fmt: skip
+_FLAG_RUNNING = (
+    update(JOBS).where(JOBS.c.id == bindparam("job_id"), JOBS.c.status == "running")
+    .values(cancel_requested=True, updated_at=bindparam("now")).returning(*_ALL)
+)  # fmt: skip
+
+
+async def request_cancel(sessions: Sessions, job_id: str | uuid.UUID) -> JobRecord:
     """A queued job is cancelled at once; a running one gets its cancel flag (the task stops at its
     next check). JobConflict for a finished job."""
-    job = await get_job(sessions, job_id)
-    now = utcnow()
-    async with sessions() as session, session.begin():
-        row = (await session.execute(
-            update(Job).where(Job.id == job.id, Job.status == "queued")
-            .values(status="cancelled", error="cancelled before it started", finished_at=now, updated_at=now)
-            .returning(Job)
-        )).scalar_one_or_none()  # fmt: skip
+    parsed = parse_id(job_id)
+    if parsed is None:
+        raise _not_found(job_id)
+    values = {"job_id": parsed, "now": utcnow()}
+    async with _connect(sessions) as conn:
+        row = (await conn.execute(_CANCEL_QUEUED, values)).first()
         if row is None:
-            row = (await session.execute(
-                update(Job).where(Job.id == job.id, Job.status == "running")
-                .values(cancel_requested=True, updated_at=now).returning(Job)
-            )).scalar_one_or_none()  # fmt: skip
-    if row is not None:
-        return row
-    job = await get_job(sessions, job_id)
-    if job.status in FINISHED:
-        raise JobConflict(f"job {job.id} already {job.status}; there is nothing to cancel")
-    return job  # it moved between our two updates (claimed just now); ask again
+            row = (await conn.execute(_FLAG_RUNNING, values)).first()
+        if row is None:
+            row = (await conn.execute(_GET, {"id": parsed})).first()
+            if row is None:
+                raise _not_found(job_id)
+            if row.status in FINISHED:
+                raise JobConflict(f"job {parsed} already {row.status}; there is nothing to cancel")
+            # else it moved between our two updates (claimed just now): the caller may ask again
+    return _record(row)
 
 
-async def fail_unqueued(sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID, error: str) -> None:
+async def fail_unqueued(sessions: Sessions, job_id: uuid.UUID, error: str) -> None:
     """queued → failed for a job that could not be handed to a worker."""
     now = utcnow()
-    async with sessions() as session, session.begin():
-        await session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued")
+    async with _connect(sessions) as conn:
+        await conn.execute(
+            update(JOBS).where(JOBS.c.id == job_id, JOBS.c.status == "queued")
             .values(status="failed", error=error, finished_at=now, updated_at=now)
         )  # fmt: skip
 

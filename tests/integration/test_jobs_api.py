@@ -167,3 +167,37 @@ def test_embedded_runner_requeues_jobs_left_by_a_previous_process(tmp_path):
     assert [j["status"] for j in jobs] == ["succeeded", "succeeded"]
     assert [j["attempts"] for j in jobs] == [1, 2]
     assert (settings.store.models_dir / "left-running" / "model.safetensors").is_file()
+
+
+def test_an_unreachable_broker_is_a_503_and_the_job_fails(postgres_url, tmp_path):
+    settings = job_settings(tmp_path / "store", postgres_url, "redis://127.0.0.1:1/0")
+    with job_server(settings) as client:
+        response = submit(client, "model-pulls", {"source": "/x", "name": "never-queued"})
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "broker_unavailable" and "could not enqueue the job on Redis" in error["message"]
+        job_id = error["message"].split()[1]
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "failed" and "could not enqueue" in job["error"]
+
+
+def test_concurrent_submissions_with_one_idempotency_key_make_one_job(postgres_url, redis_url, tmp_path):
+    import asyncio
+
+    from app.db.session import async_sessions, make_async_engine
+    from app.jobs import store
+
+    settings = job_settings(tmp_path / "store", postgres_url, redis_url)
+    params = {"source": "/x", "name": "same"}
+
+    async def race():
+        engine = make_async_engine(settings)
+        try:
+            sessions = async_sessions(engine)
+            key = f"race-{uuid.uuid4()}"
+            return await asyncio.gather(*(store.create_job(sessions, "model-pull", params, key) for _ in range(20)))
+        finally:
+            await engine.dispose()
+
+    results = asyncio.run(race())
+    assert len({job.id for job, _ in results}) == 1 and sum(created for _, created in results) == 1

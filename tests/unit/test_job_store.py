@@ -147,3 +147,10 @@ def test_job_json_has_the_documented_fields(db):
     assert set(body) >= {"id", "kind", "status", "progress", "params", "result", "error", "created_at",
                          "started_at", "finished_at", "attempts"}  # fmt: skip
     assert body["created_at"].endswith("Z") and body["started_at"] is None and body["status"] == "queued"
+
+
+def test_a_new_job_reads_back_as_created(db):
+    asessions, _ = db
+    job, _ = new_job(asessions, key="k-read")
+    assert store.job_json(run(store.get_job(asessions, job.id))) == store.job_json(job)
+    assert run(store.get_job(asessions, job.id)).result is None
