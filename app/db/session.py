@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
 
-ASYNC_POOL_SIZE = 50
 ASYNC_POOL_OVERFLOW = 10
 _PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2", "postgresql+asyncpg")
 
@@ -72,7 +71,9 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
     # The pool keeps as many connections as the job API has requests in flight under its target
     # load (50 concurrent submissions): an overflow connection is opened for a burst and closed after
     # it, and opening one (a Postgres backend) costs more than the request it serves.
-    return create_async_engine(url, pool_pre_ping=True, pool_size=ASYNC_POOL_SIZE, max_overflow=ASYNC_POOL_OVERFLOW)
+    # MXEXT_DB_POOL_SIZE (default 50): lower it when many servers share one Postgres.
+    pool_size = settings.control.db_pool_size
+    return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=ASYNC_POOL_OVERFLOW)
 
 
 @functools.lru_cache(maxsize=4)
