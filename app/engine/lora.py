@@ -102,7 +102,7 @@ class LinearLoRA:
     """The device-side LoRA weights of one fused linear of one layer: the resident adapters
     concatenated along the rank axis (rebuilt by the manager when residency changes)."""
 
-    __slots__ = ("layer", "name", "A", "B", "A_packed", "B_packed", "ranges", "layout")
+    __slots__ = ("layer", "name", "A", "B", "A_packed", "B_packed", "Bt", "slot_cols", "col_out", "ranges", "layout")
 
     def __init__(self, layer: int, name: str) -> None:
         self.layer = layer
@@ -111,6 +111,9 @@ class LinearLoRA:
         self.B: torch.Tensor | None = None  # [out, ΣR]
         self.A_packed: torch.Tensor | None = None  # oneDNN-blocked copies (CPU bf16)
         self.B_packed: torch.Tensor | None = None
+        self.Bt: torch.Tensor | None = None  # [ΣR, out] for the CPU decode kernel
+        self.slot_cols: torch.Tensor | None = None  # [slots, 2] long: each slot's columns (kernel)
+        self.col_out: torch.Tensor | None = None  # [ΣR, 2] long: outputs where each B column is non-zero
         self.ranges: dict[int, tuple[int, int]] = {}  # slot -> its columns [c0, c1)
         self.layout: _Layout | None = None
 
@@ -133,10 +136,11 @@ class LoRABatch:
     """One step's adapter rows. Rows are ordered by the model runner so that decode rows of the
     same adapter are contiguous (base rows first) and each prefill chunk is one run."""
 
-    __slots__ = ("num_rows", "segments", "dense", "dense_slots", "dense_slot_t", "masks", "dtype")
+    __slots__ = ("num_rows", "segments", "dense", "dense_slots", "dense_slot_t", "dense_slot_long", "masks", "dtype",
+                 "kernels")
 
     def __init__(self, num_rows: int, segments: list[tuple[int, int, int]], dense: tuple[int, int] | None,
-                 dense_slots: list[int] | None, device: torch.device, dtype: torch.dtype) -> None:
+                 dense_slots: list[int] | None, device: torch.device, dtype: torch.dtype, kernels=None) -> None:
         self.num_rows = num_rows
         self.segments = segments  # (start, end, slot): runs of one adapter, each its own products
         self.dense = dense  # (start, end): rows served by the masked all-adapter products
@@ -145,6 +149,9 @@ class LoRABatch:
                              if dense_slots else None)
         self.masks: dict[int, torch.Tensor | None] = {}
         self.dtype = dtype
+        # The CPU decode kernel (bf16/fp16): only each row's own adapter, one call per linear.
+        self.kernels = kernels
+        self.dense_slot_long = torch.tensor(dense_slots, dtype=torch.long) if kernels is not None and dense_slots else None
 
     def _mask(self, layout: _Layout) -> torch.Tensor | None:
         key = id(layout)
@@ -167,7 +174,9 @@ class LoRABatch:
             c0, c1 = cols
             xa = x[start:end] @ A[c0:c1].t()
             y[start:end].addmm_(xa, B[:, c0:c1].t())
-        if self.dense is not None:
+        if self.dense is not None and lora.Bt is not None and self.dense_slot_long is not None:
+            self.kernels.lora_decode_(y, x, A, lora.Bt, self.dense_slot_long, lora.slot_cols, lora.col_out, self.dense[1])
+        elif self.dense is not None:
             mask = self._mask(lora.layout)
             if mask is not None:
                 d0, d1 = self.dense
@@ -185,6 +194,18 @@ class LoRABatch:
         return y
 
 
+def _nonzero_output_ranges(B: torch.Tensor) -> torch.Tensor:
+    """[ΣR, 2]: per column of B [out, ΣR], the output rows [first, last + 1) that can be non-zero
+    (empty for an all-zero column). A fused linear's B is block-diagonal, so the decode kernel
+    computes each adapter's q, k and v columns only over their own outputs."""
+    nonzero = (B != 0).t()  # [ΣR, out]
+    out = B.shape[0]
+    any_nz = nonzero.any(dim=1)
+    first = nonzero.int().argmax(dim=1)
+    last = out - nonzero.flip(1).int().argmax(dim=1)
+    return torch.stack([torch.where(any_nz, first, 0), torch.where(any_nz, last, 0)], dim=1).long()
+
+
 # Decode rows of at least this many distinct adapters take the masked all-adapter products;
 # fewer are served run by run (see the module docstring and docs/ENGINE.md).
 DENSE_MIN_ADAPTERS = 2
@@ -196,7 +217,7 @@ class LoRAManager:
     `batch` on the step thread."""
 
     def __init__(self, model, *, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
-                 device: torch.device, dtype: torch.dtype, pack: bool = False) -> None:
+                 device: torch.device, dtype: torch.dtype, pack: bool = False, kernels=None) -> None:
         cfg = model.cfg
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
@@ -204,6 +225,7 @@ class LoRAManager:
         self.device = device
         self.dtype = dtype
         self.pack = pack  # oneDNN-packed copies for the dense products (the CPU bf16 fast path)
+        self.kernels = kernels  # our CPU kernels (bf16/fp16): decode rows through lora_decode_
         self.num_layers = cfg.num_layers
         q, kv, h, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
         # (in, out) of each projection, and where its output sits inside its fused linear.
@@ -374,7 +396,7 @@ class LoRAManager:
             parts = [(slot, a.weights[(lora.layer, lora.name)]) for slot, a in resident
                      if (lora.layer, lora.name) in a.weights]
             if not parts:
-                lora.A = lora.B = lora.A_packed = lora.B_packed = lora.layout = None
+                lora.A = lora.B = lora.A_packed = lora.B_packed = lora.layout = lora.Bt = lora.slot_cols = lora.col_out = None
                 lora.ranges = {}
                 continue
             ranges, col = {}, 0
@@ -391,6 +413,14 @@ class LoRAManager:
             lora.ranges = ranges
             lora.layout = layout
             lora.A_packed = lora.B_packed = None
+            lora.Bt = lora.slot_cols = lora.col_out = None
+            if self.kernels is not None:
+                lora.Bt = lora.B.t().contiguous()
+                cols = torch.zeros(self.max_loras + 1, 2, dtype=torch.long)
+                for slot, (c0, c1) in ranges.items():
+                    cols[slot, 0], cols[slot, 1] = c0, c1
+                lora.slot_cols = cols
+                lora.col_out = _nonzero_output_ranges(lora.B)
             if self.pack:
                 from app.engine.layers.linear import pack_for_cpu
 
@@ -412,11 +442,11 @@ class LoRAManager:
         decode_runs = [r for r in runs if r[1] <= num_decode]
         segments = [tuple(r) for r in runs if r[1] > num_decode]
         dense = dense_slots = None
-        if len(decode_runs) >= DENSE_MIN_ADAPTERS:
+        if len(decode_runs) >= DENSE_MIN_ADAPTERS or (self.kernels is not None and decode_runs):
             # All decode rows, base rows too (their mask is zero): a decode-only step then adds
             # the term in the B product itself.
             dense = (0, num_decode)
             dense_slots = row_slots[:num_decode]
         else:
             segments = [tuple(r) for r in decode_runs] + segments
-        return LoRABatch(len(row_slots), segments, dense, dense_slots, self.device, self.dtype)
+        return LoRABatch(len(row_slots), segments, dense, dense_slots, self.device, self.dtype, self.kernels)

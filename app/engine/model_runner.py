@@ -82,6 +82,7 @@ class ModelRunner:
                 self.model, max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
                 max_lora_rank=config.max_lora_rank, device=self.device, dtype=self.dtype,
                 pack=self.model.layers[0].qkv.packed is not None,
+                kernels=self.model.kernels,
             )
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
