@@ -182,3 +182,4 @@ def test_benchmark_job_against_a_real_server(settings, worker_factory, server):
         run = session.execute(select(BenchmarkRun).where(BenchmarkRun.job_id == uuid.UUID(job["id"]))).scalar_one()
     assert (run.name, run.target, run.model, run.status) == ("smoke", server.base_url, "smollm2", "succeeded")
     assert run.results == aggregate and json.dumps(aggregate)
+
