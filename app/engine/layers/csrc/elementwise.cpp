@@ -5,7 +5,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -62,30 +61,6 @@ void rope_impl(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int6
   });
 }
 
-// SwiGLU's activation on the fused gate_up output x [T, 2I]: out [T, I] = silu(gate) * up.
-// torch's bf16 path for F.silu(gate) * up made two passes with conversions (~0.23 ms for 64 rows
-// of SmolLM2, 10x its float32 time); one pass in float32 here. Rounding as the reference:
-// silu rounded to T, then the product rounded to T.
-template <typename T>
-void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
-  const int64_t rows = x.size(0), inter = out.size(1), stride = x.stride(0);
-  const T* xp = x.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> g(inter);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gate = xp + r * stride;
-      const T* up = gate + inter;
-      T* o = op + r * inter;
-      for (int64_t i = 0; i < inter; ++i) g[i] = static_cast<float>(gate[i]);
-      for (int64_t i = 0; i < inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i]));
-      for (int64_t i = 0; i < inter; ++i)
-        o[i] = static_cast<T>(static_cast<float>(static_cast<T>(g[i])) * static_cast<float>(up[i]));
-    }
-  });
-}
-
 #define DISPATCH_FLOATING(dtype, NAME, ...)                                   \
   switch (dtype) {                                                            \
     case at::kFloat: { using scalar = float; __VA_ARGS__; break; }            \
@@ -111,11 +86,4 @@ void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t rot_heads) {
   sin = sin.contiguous();
   TORCH_CHECK(cos.scalar_type() == x.scalar_type(), "rope_: cos/sin dtype must match x");
   DISPATCH_FLOATING(x.scalar_type(), "rope_", rope_impl<scalar>(x, cos, sin, rot_heads));
-}
-
-at::Tensor silu_and_mul(at::Tensor x) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.stride(1) == 1, "silu_and_mul: x [T, 2I] with contiguous rows");
-  auto out = at::empty({x.size(0), x.size(1) / 2}, x.options());
-  DISPATCH_FLOATING(x.scalar_type(), "silu_and_mul", silu_and_mul_impl<scalar>(x, out));
-  return out;
 }
