@@ -43,6 +43,34 @@ inline v16 load16(const at::Half* p) {
   return load16(f);
 }
 
+// exp of 16 floats at once (the softmax's exps were scalar expf calls, the kernel's largest cost):
+// x = n·ln2 + r with n = round(x / ln2), |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
+// (relative error ~1e-7, about an ulp), times 2^n built in the exponent bits. Inputs are scores
+// minus their maximum (<= 0); below -87 the result flushes to 0.
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+inline v16 exp16(v16 x) {
+  const v16 lo = v16{} - 87.0f;
+  x = x < lo ? lo : x;
+  const v16 y = x * 1.44269504088896341f + 0.5f;
+  i32x16 n = __builtin_convertvector(y, i32x16);  // truncates toward zero
+  v16 nf = __builtin_convertvector(n, v16);
+  n += (y < nf);  // -1 where truncation rounded up: n = floor(y), i.e. round(x / ln2)
+  nf = __builtin_convertvector(n, v16);
+  const v16 r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;  // ln2 in two parts
+  v16 p = v16{} + 1.9841270e-4f;  // 1/5040
+  p = p * r + 1.3888889e-3f;      // 1/720
+  p = p * r + 8.3333333e-3f;      // 1/120
+  p = p * r + 4.1666667e-2f;      // 1/24
+  p = p * r + 1.6666667e-1f;      // 1/6
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const i32x16 bits = (n + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
 // G: query heads per KV head, a compile-time constant so each accumulator array lives in registers.
 template <typename T, int G>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -100,8 +128,17 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           float* sg = scores.data() + (h * G + g) * stride;
           float mx = -INFINITY;
           for (int64_t j = 0; j < len; ++j) mx = sg[j] > mx ? sg[j] : mx;
+          v16 vsum = {};
+          const v16 vmx = v16{} + mx;
+          int64_t j = 0;
+          for (; j + 16 <= len; j += 16) {
+            const v16 e = exp16(load16(sg + j) - vmx);
+            std::memcpy(sg + j, &e, sizeof(e));
+            vsum += e;
+          }
           float sum = 0.f;
-          for (int64_t j = 0; j < len; ++j) { sg[j] = std::exp(sg[j] - mx); sum += sg[j]; }
+          for (int u = 0; u < 16; ++u) sum += vsum[u];
+          for (; j < len; ++j) { sg[j] = std::exp(sg[j] - mx); sum += sg[j]; }
           const float inv = 1.f / sum;
           for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
         }
