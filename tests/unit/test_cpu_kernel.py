@@ -33,3 +33,22 @@ def test_kernel_matches_gathered_sdpa(dtype, tol, heads, kv_heads):
     got = _decode_attention(q, k_cache, v_cache, meta, kv_heads)
     assert torch.allclose(got.float(), reference.float(), atol=tol, rtol=tol)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_kernel_matches_the_pytorch_scatter(dtype):
+    from app.engine.layers.attention import write_kv
+
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip("no C++ compiler here")
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(37, 9 + 3 + 3, 64, generator=gen).to(dtype)  # k and v as views of a fused output
+    k, v = qkv[:, 9:12], qkv[:, 12:]
+    slots = torch.randperm(8 * 16, generator=gen)[:37]
+    caches = [(torch.zeros(8, 3, 64, 16, dtype=dtype), torch.zeros(8, 16, 3, 64, dtype=dtype)) for _ in range(2)]
+    write_kv(caches[0][0], caches[0][1], k, v, slots)
+    kernels.write_kv_(caches[1][0], caches[1][1], k, v, slots)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.write_kv_(caches[1][0], caches[1][1], k[:1], v[:1], torch.tensor([8 * 16]))

@@ -69,7 +69,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.cpu_kernels is not None:
+        meta.cpu_kernels.write_kv_(k_cache, v_cache, k, v, meta.slot_mapping)
+    else:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     group = num_heads // kv_heads

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -86,4 +87,41 @@ void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t rot_heads) {
   sin = sin.contiguous();
   TORCH_CHECK(cos.scalar_type() == x.scalar_type(), "rope_: cos/sin dtype must match x");
   DISPATCH_FLOATING(x.scalar_type(), "rope_", rope_impl<scalar>(x, cos, sin, rot_heads));
+}
+
+// The step's new K/V into their cache slots: K [T, KVH, D] into k_cache [blocks, KVH, D, 16]
+// (transposed within the block), V [T, KVH, D] into v_cache [blocks, 16, KVH, D]. Replaces an
+// advanced-indexing index_put and an index_copy (~50 µs a layer for a decode step of 64 rows).
+template <typename T>
+void write_kv_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                   const int64_t* slots) {
+  const int64_t tokens = k.size(0), heads = k.size(1), dim = k.size(2);
+  const int64_t block = k_cache.size(3);
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = slots[t] / block, off = slots[t] % block;
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* kr = kp + t * ks0 + h * ks1;
+        T* kd = kc + ((b * heads + h) * dim) * block + off;
+        for (int64_t d = 0; d < dim; ++d) kd[d * block] = kr[d];
+        std::memcpy(vc + ((b * block + off) * heads + h) * dim, vp + t * vs0 + h * vs1, dim * sizeof(T));
+      }
+    }
+  });
+}
+
+void write_kv_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v, at::Tensor slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv_: caches must be contiguous");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "write_kv_: k/v [T, KVH, D] with contiguous rows");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(), "write_kv_: dtypes");
+  slots = slots.to(at::kLong).contiguous();
+  const int64_t capacity = k_cache.size(0) * k_cache.size(3);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.numel(); ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "write_kv_: slot out of range");
+  DISPATCH_FLOATING(k.scalar_type(), "write_kv_", write_kv_impl<scalar>(k_cache, v_cache, k, v, sp));
 }

@@ -210,6 +210,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
 // elementwise.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 void rope_(at::Tensor x, at::Tensor cos, at::Tensor sin, int64_t rot_heads);
+void write_kv_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v, at::Tensor slots);
 // lora_decode.cpp
 void lora_decode_(at::Tensor y, at::Tensor x, at::Tensor a, at::Tensor bt, at::Tensor row_slots,
                   at::Tensor slot_cols, at::Tensor col_out, int64_t rows);
@@ -218,5 +219,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm over rows (CPU)");
   m.def("rope_", &rope_, "in-place rotary embedding of the first rot_heads heads (CPU)");
+  m.def("write_kv_", &write_kv_, "the step's K/V into their paged-cache slots (CPU)");
   m.def("lora_decode_", &lora_decode_, "per-row LoRA shrink/expand of decode rows, in place (CPU)");
 }
