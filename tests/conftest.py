@@ -9,6 +9,16 @@ import pytest
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# The suite shares the user's model store (the converted model), but never its control-plane
+# database: servers the tests start (in-process apps and subprocesses alike) would otherwise write
+# the jobs they are sent, schemathesis' fuzzed ones included, into ~/.cache/mxext/mxext.db. Tests
+# that want Postgres or an embedded store of their own pass their settings explicitly.
+if not os.environ.get("DATABASE_URL"):
+    import tempfile
+
+    _TEST_DB_DIR = tempfile.mkdtemp(prefix="mxext-test-db-")
+    os.environ["DATABASE_URL"] = f"sqlite:///{_TEST_DB_DIR}/mxext.db"
+
 
 def _cuda_available() -> bool:
     try:

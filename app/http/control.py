@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db.session import async_sessions, make_async_engine
+from app.db.session import async_sessions, database_url, make_async_engine
 from app.http.errors import APIError
 from app.settings import Settings
 
@@ -39,15 +39,12 @@ class ControlPlane:
         self.jobs: Any = None  # app.jobs dispatcher (Celery or embedded), set by create_app
         self.services: list[BackgroundService] = []
 
-    @property
-    def embedded(self) -> bool:
-        return self.settings.control.database_url is None
-
     async def start(self) -> None:
         try:
-            if self.embedded:
-                # The embedded SQLite is ours to migrate; a real database is migrated by
-                # `mxext db upgrade` (make serve, the compose stack), never behind an operator's back.
+            if database_url(self.settings).get_backend_name() == "sqlite":
+                # A SQLite file (the embedded default, or one named in DATABASE_URL) is this
+                # server's own to migrate; a shared database is migrated by `mxext db upgrade`
+                # (make serve, the compose stack), never behind an operator's back.
                 from app.db.migrate import upgrade
 
                 await asyncio.to_thread(upgrade, self.settings)
