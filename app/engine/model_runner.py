@@ -148,6 +148,32 @@ class ModelRunner:
             decode_mask=None,
             prefills=[],
         )
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        if self.cpu_kernels is not None and all(p.num_new_tokens <= KERNEL_PREFILL_MAX_ROWS for p in prefills):
+            meta.cpu_kernels = self.cpu_kernels  # every row in one kernel call per layer
+            self._kernel_rows(meta, ordered, pos_t)
+        else:
+            self._split_rows(meta, decodes, prefills)
+        hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta, lora_batch)
+
+        sampling = [item for item in ordered if item.sample]
+        if not sampling:
+            return None, []
+        last_rows: list[int] = []
+        row = 0
+        for item in ordered:
+            row += item.num_new_tokens
+            if item.sample:
+                last_rows.append(row - 1)
+        rows = hidden[torch.tensor(last_rows, device=dev)] if len(last_rows) != hidden.shape[0] else hidden
+        return self.model.logits(rows), sampling
+
+
+    def _split_rows(self, meta: AttentionMetadata, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq]) -> None:
+        """Decode rows batched over their gathered blocks, each prefill chunk on its own (the path
+        without the CPU kernel, and for prefill chunks too long for it)."""
+        bs, dev = self.block_size, self.device
         if decodes:
             ctx = [s.seq.num_computed_tokens + 1 for s in decodes]
             max_blocks = max(-(-c // bs) for c in ctx)
@@ -174,26 +200,6 @@ class ModelRunner:
                 table = torch.tensor(seq.block_table[: -(-ctx_len // bs)], dtype=torch.long, device=dev)
             meta.prefills.append(PrefillSlice(row, row + n, ctx_len, table, mask))
             row += n
-
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        if self.cpu_kernels is not None and all(p.num_new_tokens <= KERNEL_PREFILL_MAX_ROWS for p in prefills):
-            meta.cpu_kernels = self.cpu_kernels
-            self._kernel_rows(meta, ordered, pos_t)
-        hidden = self.model.forward(ids_t, pos_t, self.kv_caches, meta, lora_batch)
-
-        sampling = [item for item in ordered if item.sample]
-        if not sampling:
-            return None, []
-        last_rows: list[int] = []
-        row = 0
-        for item in ordered:
-            row += item.num_new_tokens
-            if item.sample:
-                last_rows.append(row - 1)
-        rows = hidden[torch.tensor(last_rows, device=dev)] if len(last_rows) != hidden.shape[0] else hidden
-        return self.model.logits(rows), sampling
-
 
     def _kernel_rows(self, meta: AttentionMetadata, ordered: list[ScheduledSeq], pos_t: torch.Tensor) -> None:
         """Every row's block table and context length for the CPU kernel (one call per layer)."""
