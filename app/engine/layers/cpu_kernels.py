@@ -13,6 +13,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "elementwise.cpp", "lora_decode.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "vec16.h"]  # in the cache key: a header change rebuilds
 
 
 def _arch_flags() -> list[str]:
@@ -36,7 +37,7 @@ def load():
         import torch.utils.cpp_extension as ext
 
         flags = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp", *_arch_flags()]
-        text = "".join(p.read_text() for p in _SOURCES) + " ".join(flags)
+        text = "".join(p.read_text() for p in (*_SOURCES, *_HEADERS)) + " ".join(flags)
         digest = hashlib.sha1(text.encode()).hexdigest()[:12]
         return ext.load(name=f"mxext_cpu_{digest}", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                         extra_ldflags=["-fopenmp"], verbose=False)

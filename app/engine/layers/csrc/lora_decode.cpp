@@ -20,33 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#include "vec16.h"
+
 namespace {
 
 constexpr int kGroup = 4;  // rows of one adapter sharing each load of its weights
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-inline v16 widen(const at::BFloat16* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof(h));
-  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  v16 v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-inline v16 widen(const at::Half* p) {
-  float f[16];
-  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(p[i]);
-  v16 v;
-  std::memcpy(&v, f, sizeof(v));
-  return v;
-}
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
 
 template <typename T>
 void lora_decode_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
@@ -87,7 +65,7 @@ void lora_decode_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, c
         v16 sum[kGroup] = {};
         int64_t d = 0;
         for (; d + 16 <= in; d += 16) {
-          const v16 av = widen(arow + d);
+          const v16 av = load16(arow + d);
           for (int64_t j = 0; j < g; ++j) {
             v16 xv;
             std::memcpy(&xv, &xf[j * in + d], sizeof(xv));
@@ -112,7 +90,7 @@ void lora_decode_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, c
         for (; o + 16 <= o1; o += 16) {
           v16 sum[kGroup] = {};
           for (int64_t k = ka; k < kb; ++k) {
-            const v16 bv = widen(bp + (c0 + k) * out + o);
+            const v16 bv = load16(bp + (c0 + k) * out + o);
             for (int64_t j = 0; j < g; ++j) sum[j] += xa[j * rank + k] * bv;
           }
           for (int64_t j = 0; j < g; ++j) {

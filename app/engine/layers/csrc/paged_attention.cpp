@@ -18,31 +18,12 @@
 #include <cstring>
 #include <vector>
 
+#include "vec16.h"
+
 namespace {
 
 constexpr int64_t kBlock = 16;  // tokens per KV block (the engine's block size)
 constexpr int64_t kMaxHeadDim = 256;
-// 16 floats: one AVX-512 register (two AVX2 ones elsewhere), via GCC/Clang vector extensions.
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof(v)); return v; }
-// bf16 is the top half of a float32: widening is a shift.
-inline v16 load16(const at::BFloat16* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof(h));
-  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  v16 v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-inline v16 load16(const at::Half* p) {
-  float f[16];
-  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(p[i]);
-  return load16(f);
-}
-
 // exp of 16 floats at once (the softmax's exps were scalar expf calls, the kernel's largest cost):
 // x = n·ln2 + r with n = round(x / ln2), |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
 // (relative error ~1e-7, about an ulp), times 2^n built in the exponent bits. Inputs are scores
@@ -136,8 +117,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
             std::memcpy(sg + j, &e, sizeof(e));
             vsum += e;
           }
-          float sum = 0.f;
-          for (int u = 0; u < 16; ++u) sum += vsum[u];
+          float sum = hsum(vsum);
           for (; j < len; ++j) { sg[j] = std::exp(sg[j] - mx); sum += sg[j]; }
           const float inv = 1.f / sum;
           for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
