@@ -22,33 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from app.engine import LLM, LoRARequest, SamplingParams
+from bench.lora_adapters import TARGETS, write_adapter
 from bench.offline import _resolve_ours, make_workload
-
-TARGETS = {
-    "qv": ("q_proj", "v_proj"),
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-
-
-def write_adapter(folder: Path, llm: LLM, rank: int, modules: tuple[str, ...], seed: int) -> None:
-    manager = llm.engine.lora
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(manager.num_layers):
-        for m in modules:
-            block = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            i, o = manager.module_shapes[m]
-            key = f"base_model.model.model.layers.{layer}.{block}.{m}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, i, generator=gen) / i**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(o, rank, generator=gen) * 0.01
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules), "bias": "none"}))
 
 
 def main() -> None:
@@ -76,10 +53,11 @@ def main() -> None:
               max_cpu_loras=max(16, args.adapters), max_lora_rank=max(32, args.rank), num_threads=args.threads)
     prompts = [list(p) for p in wl["prompts"]]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in wl["output_lens"]]
+    config = json.loads((Path(llm.config.model) / "config.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         loras = []
         for k in range(args.adapters):
-            write_adapter(Path(tmp) / f"a{k}", llm, args.rank, TARGETS[args.targets], seed=k)
+            write_adapter(Path(tmp) / f"a{k}", config, args.rank, TARGETS[args.targets], seed=k, base_model=args.model)
             loras.append(LoRARequest(f"a{k}", str(Path(tmp) / f"a{k}")))
         per_seq = [loras[i % args.adapters] for i in range(len(prompts))]
         for w in wl["warmup"]:  # warm-up, then once with the adapters so they sit in their slots
