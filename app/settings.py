@@ -159,9 +159,9 @@ class ControlPlaneSettings:
     # MXEXT_SIGNAL_CHANNEL: the Redis pub/sub channel of adapter hints. Channels span Redis db
     # indexes, so deployments (or test runs) sharing one Redis need channels of their own.
     signal_channel: str = "mxext:signals"
-    # MXEXT_DB_POOL_SIZE: Postgres connections each server keeps for the API (its bursts of job
-    # submissions); each server holds this many, so lower it for fleets on one database.
-    db_pool_size: int = 50
+    # MXEXT_DB_POOL_SIZE: Postgres connections each server keeps for the API. Concurrent
+    # submissions and reads share statements (app.jobs.coalesce), so a burst of 50 needs few.
+    db_pool_size: int = 10
     # MXEXT_VISIBILITY_TIMEOUT: redelivery delay after a lost worker (default: hard limit + 10 min)
     visibility_timeout_override_s: int | None = None
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
@@ -192,7 +192,7 @@ class ControlPlaneSettings:
             job_hard_time_limit_s=_env_positive("MXEXT_JOB_HARD_TIME_LIMIT", 3900),
             replica_id=os.environ.get("MXEXT_REPLICA_ID") or None,
             signal_channel=(os.environ.get("MXEXT_SIGNAL_CHANNEL") or "").strip() or "mxext:signals",
-            db_pool_size=_env_positive("MXEXT_DB_POOL_SIZE", 50),
+            db_pool_size=_env_positive("MXEXT_DB_POOL_SIZE", 10),
             visibility_timeout_override_s=_env_positive("MXEXT_VISIBILITY_TIMEOUT", 1)
             if (os.environ.get("MXEXT_VISIBILITY_TIMEOUT") or "").strip() else None,
             s3=S3Settings.from_env(),

@@ -8,6 +8,9 @@ with one running they are real pulls of --source).
 The default client is a lean one (HTTP/1.1 over N keep-alive connections opened beforehand, raw
 asyncio streams) so that on a small machine the figures are mostly the server's; `--client httpx`
 uses httpx as the first version of this script did. `--nice` lowers this process's priority too.
+`--server-pid` adds the server's own CPU time per request to each line (Linux: the run time of all
+its threads, from /proc/PID/task/*/schedstat). With `--rounds` > 1 a last line pools every round:
+the p99 of all concurrent submissions is the figure the job API's target is about.
 """
 
 from __future__ import annotations
@@ -28,10 +31,38 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def summary(label: str, seconds: list[float], cpu_s: float) -> str:
+def summary(label: str, seconds: list[float], cpu_s: float | None = None, server_cpu_s: float | None = None) -> str:
     ms = [s * 1000 for s in seconds]
-    return (f"{label:<8} n={len(ms):<4} p50={statistics.median(ms):7.1f} ms  p99={percentile(ms, 99):7.1f} ms  "
-            f"max={max(ms):7.1f} ms  client cpu={cpu_s * 1000:6.1f} ms")  # fmt: skip
+    line = (f"{label:<8} n={len(ms):<4} p50={statistics.median(ms):7.1f} ms  p99={percentile(ms, 99):7.1f} ms  "
+            f"max={max(ms):7.1f} ms")  # fmt: skip
+    if cpu_s is not None:
+        line += f"  client cpu={cpu_s * 1000:6.1f} ms"
+    if server_cpu_s is not None:
+        line += f"  server cpu/request={server_cpu_s * 1000 / len(ms):5.2f} ms"
+    return line
+
+
+class ServerCPU:
+    """The CPU time of every thread of a process so far (seconds); None without a pid."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+
+    def __call__(self) -> float | None:
+        if self.pid is None:
+            return None
+        total = 0
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+                continue
+        return total / 1e9
+
+    def since(self, start: float | None) -> float | None:
+        now = self()
+        return None if now is None or start is None else now - start
 
 
 class Reply:
@@ -145,7 +176,11 @@ async def timed(client: Any, method: str, path: str, **kw: Any) -> tuple[float, 
     return time.perf_counter() - started, response
 
 
-async def run(url: str, n: int, source: str, key: str | None, client_kind: str, rounds: int) -> int:
+async def run(url: str, n: int, source: str, key: str | None, client_kind: str, rounds: int,
+              server_pid: int | None = None) -> int:  # fmt: skip
+    server_cpu = ServerCPU(server_pid)
+    all_submits: list[float] = []
+    all_gets: list[float] = []
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     make = RawClient if client_kind == "raw" else HttpxClient
     async with make(url, n, headers) as client:
@@ -154,38 +189,44 @@ async def run(url: str, n: int, source: str, key: str | None, client_kind: str, 
         ids: list[str] = []
         for round_ in range(rounds):
             tag = uuid.uuid4().hex[:8]
-            cpu = time.process_time()
+            cpu, server = time.process_time(), server_cpu()
             submits = await asyncio.gather(*(
                 timed(client, "POST", "/v1/jobs/model-pulls", json_body={"source": source, "name": f"bench-{tag}-{i}"},
                       headers={"Idempotency-Key": f"bench-{tag}-{i}"})
                 for i in range(n)
             ))  # fmt: skip
-            submit_cpu = time.process_time() - cpu
+            submit_cpu, submit_server = time.process_time() - cpu, server_cpu.since(server)
             bad = [r for _, r in submits if r.status_code != 202]
             if bad:
                 print(f"{len(bad)} submissions failed, e.g. {bad[0].status_code} {bad[0].text}")
                 return 1
             batch = [r.json()["id"] for _, r in submits]
             ids += batch
-            cpu = time.process_time()
+            cpu, server = time.process_time(), server_cpu()
             gets = await asyncio.gather(*(timed(client, "GET", f"/v1/jobs/{job_id}") for job_id in batch))
-            get_cpu = time.process_time() - cpu
+            get_cpu, get_server = time.process_time() - cpu, server_cpu.since(server)
             if any(r.status_code != 200 for _, r in gets):
                 print("a GET failed")
                 return 1
-            cpu = time.process_time()
+            cpu, server = time.process_time(), server_cpu()
             serial = []
             for i in range(n):  # one at a time: the latency of a request with the server otherwise idle
                 serial.append(await timed(client, "POST", "/v1/jobs/model-pulls",
                                           json_body={"source": source, "name": f"bench-{tag}-s{i}"}))  # fmt: skip
-            serial_cpu = time.process_time() - cpu
+            serial_cpu, serial_server = time.process_time() - cpu, server_cpu.since(server)
             ids += [r.json()["id"] for _, r in serial]
             prefix = f"[{round_ + 1}/{rounds}] " if rounds > 1 else ""
-            print(prefix + summary("submit", [t for t, _ in submits], submit_cpu) + f"   ({n} at once)")
-            print(prefix + summary("get", [t for t, _ in gets], get_cpu) + f"   ({n} at once)")
-            print(prefix + summary("submit", [t for t, _ in serial], serial_cpu) + "   (one at a time)", flush=True)
+            all_submits += [t for t, _ in submits]
+            all_gets += [t for t, _ in gets]
+            print(prefix + summary("submit", [t for t, _ in submits], submit_cpu, submit_server) + f"   ({n} at once)")
+            print(prefix + summary("get", [t for t, _ in gets], get_cpu, get_server) + f"   ({n} at once)")
+            print(prefix + summary("submit", [t for t, _ in serial], serial_cpu, serial_server) + "   (one at a time)",
+                  flush=True)  # fmt: skip
             await asyncio.sleep(0.5)  # let the worker catch up a little between rounds
         await asyncio.gather(*(client.request("POST", f"/v1/jobs/{job_id}/cancel") for job_id in ids))
+    if rounds > 1:
+        print(f"[all {rounds}] " + summary("submit", all_submits) + f"   ({n} at once, every round)")
+        print(f"[all {rounds}] " + summary("get", all_gets) + f"   ({n} at once, every round)")
     return 0
 
 
@@ -199,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="raw: lean HTTP/1.1 over keep-alive connections (default); httpx: the first version's client")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="repeat the three phases (default 1)")
     parser.add_argument("--nice", action="store_true", help="run this client at nice 19")
+    parser.add_argument("--server-pid", type=int, default=None,
+                        help="the server's pid (same machine): report its CPU time per request")  # fmt: skip
     args = parser.parse_args(argv)
     if args.nice:
         os.nice(19)
-    return asyncio.run(run(args.url, args.concurrency, args.source, args.key, args.client, args.rounds))
+    return asyncio.run(run(args.url, args.concurrency, args.source, args.key, args.client, args.rounds,
+                           args.server_pid))  # fmt: skip
 
 
 if __name__ == "__main__":

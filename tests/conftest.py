@@ -59,25 +59,39 @@ REDIS_TEST_URL = os.environ.get("MXEXT_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A fresh database of its own on the machine's Postgres, migrated to head; dropped afterwards.
-    The plain `postgresql://user@host/db` form users paste into DATABASE_URL."""
+def new_postgres_database():
+    """A factory: each call makes a fresh database on the machine's Postgres, migrated to head, and
+    returns its URL in the plain `postgresql://user@host/db` form users paste into DATABASE_URL.
+    Every database made is dropped at the end of the session."""
     import uuid
 
     import psycopg
 
-    name = f"mxext_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
-    url = f"{base}/{name}"
     from app.db.migrate import upgrade
     from app.settings import ControlPlaneSettings, Settings
 
-    upgrade(Settings(control=ControlPlaneSettings(database_url=url)))
-    yield url
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"mxext_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        url = f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+        upgrade(Settings(control=ControlPlaneSettings(database_url=url)))
+        return url
+
+    yield make
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url(new_postgres_database):
+    """The session's shared database (see new_postgres_database); modules whose assertions cover a
+    whole table take one of their own instead."""
+    return new_postgres_database()
 
 
 @pytest.fixture(scope="session")

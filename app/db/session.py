@@ -68,10 +68,9 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 10})
         _sqlite_pragmas(engine.sync_engine)
         return engine
-    # The pool keeps as many connections as the job API has requests in flight under its target
-    # load (50 concurrent submissions): an overflow connection is opened for a burst and closed after
-    # it, and opening one (a Postgres backend) costs more than the request it serves.
-    # MXEXT_DB_POOL_SIZE (default 50): lower it when many servers share one Postgres.
+    # MXEXT_DB_POOL_SIZE (default 10) connections, plus a few opened for a burst and closed after
+    # it. The job API batches concurrent submissions and reads into shared statements, so 50 at
+    # once use a handful; list and cancel take one each.
     pool_size = settings.control.db_pool_size
     return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=ASYNC_POOL_OVERFLOW)
 

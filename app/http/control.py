@@ -16,9 +16,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db.session import async_sessions, database_url, make_async_engine
 from app.http.errors import APIError
+from app.jobs import store
+from app.jobs.coalesce import Coalescer
 from app.settings import Settings
 
 logger = logging.getLogger("app.http")
+
+
+BATCH = 100  # submissions per INSERT, reads per SELECT
+
+
+def _stopping() -> APIError:
+    return APIError(503, "the server is shutting down; submit the job again", code="control_plane_unavailable")
 
 
 class BackgroundService(Protocol):
@@ -38,6 +47,9 @@ class ControlPlane:
         self.bus: Any = None  # app.signals bus (Redis or in-process), set by create_app
         self.jobs: Any = None  # app.jobs dispatcher (Celery or embedded), set by create_app
         self.services: list[BackgroundService] = []
+        # Concurrent submissions share one INSERT (app.jobs.coalesce); set once the database is up.
+        self._intake: Coalescer[store.NewJob, store.CreateResult] | None = None
+        self._reads: Coalescer[str, store.JobRecord] | None = None  # concurrent GETs by id: one SELECT
 
     async def start(self) -> None:
         try:
@@ -52,6 +64,8 @@ class ControlPlane:
             async with self.engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
             self.sessions = async_sessions(self.engine)
+            self._intake = Coalescer(self._create_jobs, max_batch=BATCH, stopped=_stopping)
+            self._reads = Coalescer(self._get_jobs, max_batch=BATCH, stopped=_stopping)
         except Exception as exc:  # noqa: BLE001 - inference still serves; the routes report it
             self.error = f"{type(exc).__name__}: {exc}"
             logger.error("control plane unavailable (jobs and /v1/adapters answer 503): %s", self.error)
@@ -63,6 +77,9 @@ class ControlPlane:
                 logger.exception("control-plane service %s failed to start", type(service).__name__)
 
     async def stop(self) -> None:
+        for coalescer in (self._intake, self._reads):
+            if coalescer is not None:
+                await coalescer.close()
         for service in reversed(self.services):
             try:
                 await service.stop()
@@ -70,6 +87,27 @@ class ControlPlane:
                 logger.exception("control-plane service %s failed to stop", type(service).__name__)
         if self.engine is not None:
             await self.engine.dispose()
+
+    async def create_job(self, job: store.NewJob) -> store.CreateResult:
+        """(job, created) for a submission, batched with the others in flight; JobConflict for an
+        idempotency key that holds other parameters."""
+        self.require_sessions()
+        assert self._intake is not None
+        return await self._intake.submit(job)
+
+    async def get_job(self, job_id: str) -> store.JobRecord:
+        """The job (JobNotFound for an unknown id), read together with the other reads in flight."""
+        self.require_sessions()
+        assert self._reads is not None
+        return await self._reads.submit(job_id)
+
+    async def _create_jobs(self, jobs: list[store.NewJob]) -> list[store.CreateResult | Exception]:
+        assert self.sessions is not None
+        return await store.create_jobs(self.sessions, jobs)
+
+    async def _get_jobs(self, job_ids: list[str]) -> list[store.JobRecord | store.JobNotFound]:
+        assert self.sessions is not None
+        return await store.get_jobs(self.sessions, list(job_ids))
 
     def require_sessions(self) -> async_sessionmaker[AsyncSession]:
         if self.sessions is None:

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import msgspec
+import sqlalchemy.exc
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
@@ -123,9 +124,22 @@ def handle_internal_error(request: Request, exc: Exception) -> Response[ErrorRes
     return Response(error_body(500, f"Internal server error: {type(exc).__name__}"), status_code=500)
 
 
+def handle_database_unavailable(request: Request, exc: Exception) -> Response[ErrorResponse]:
+    """The control plane's database went away after start-up (restarted, unreachable, its pool
+    exhausted): a 503 to retry, not a 500. Inference never touches the database."""
+    cause = getattr(exc, "orig", None) or exc
+    logger.error("database unavailable on %s %s: %s: %s", request.method, request.url.path, type(cause).__name__, cause)
+    return error_response(unavailable(
+        f"The control plane's database is unavailable ({type(cause).__name__}); retry shortly", retry_after=5
+    ))  # fmt: skip
+
+
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     APIError: handle_api_error,
     HTTPException: handle_http_exception,
+    sqlalchemy.exc.OperationalError: handle_database_unavailable,  # connection lost, server restarting
+    sqlalchemy.exc.InterfaceError: handle_database_unavailable,  # connection closed under us
+    sqlalchemy.exc.TimeoutError: handle_database_unavailable,  # no pooled connection in time
     Exception: handle_internal_error,
 }
 

@@ -48,7 +48,7 @@ async def _submit(request: Request, kind: str, data: Any) -> Response[dict[str, 
     if key is not None and not (0 < len(key.strip()) <= MAX_KEY_LENGTH):
         raise bad_request(f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters", param="Idempotency-Key")
     try:
-        job, created = await store.create_job(sessions, kind, params, key.strip() if key else None)
+        job, created = await control.create_job(store.NewJob(kind, params, key.strip() if key else None))
     except store.JobConflict as exc:
         raise APIError(409, str(exc), code="idempotency_key_reused") from None
     headers = {"Location": f"/v1/jobs/{job.id}"}
@@ -118,9 +118,8 @@ async def list_jobs(
 
 @get("/v1/jobs/{job_id:str}", summary="One job", responses=RESPONSES)
 async def get_job(request: Request, job_id: FromPath[str]) -> dict[str, Any]:
-    sessions = _control(request).require_sessions()
     try:
-        return store.job_json(await store.get_job(sessions, job_id))
+        return store.job_json(await _control(request).get_job(job_id))
     except store.JobNotFound as exc:
         raise APIError(404, str(exc), param="job_id", code="job_not_found") from None
 

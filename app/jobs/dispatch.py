@@ -17,6 +17,7 @@ import threading
 import uuid
 
 from app.db.session import sync_sessions
+from app.jobs.coalesce import Coalescer
 from app.jobs.context import TransientJobError
 from app.settings import Settings
 
@@ -27,17 +28,21 @@ class EnqueueError(RuntimeError):
     """The job could not be handed to a worker (the broker is unreachable)."""
 
 
+def _stopping() -> EnqueueError:
+    return EnqueueError("the job dispatcher is stopping")
+
+
 class CeleryDispatcher:
     """Publishes `mxext.run_job` messages with Celery, coalescing concurrent submissions.
 
     Submissions that arrive while a publish is in flight (or in the same event-loop tick) are sent
-    together: one hop to the sender thread, Celery's own message for each job (`send_task`, so the
-    wire format is Celery's), and one Redis pipeline for all of them (kombu's `Producer.batch()`).
-    A lone submission pays the same one thread hop and round trip it always did. Errors stay per
-    request: every submission of a batch that could not be published gets EnqueueError (its caller
-    answers 503 and fails the row). A batch whose pipeline failed part-way may have delivered some
-    messages; their jobs are failed by their callers, and a worker's claim (a compare-and-set on
-    `queued`/`running`) then finds nothing to run.
+    together (app.jobs.coalesce): one hop to the sender thread, Celery's own message for each job
+    (`send_task`, so the wire format is Celery's), and one Redis pipeline for all of them (kombu's
+    `Producer.batch()`). A lone submission pays the same one thread hop and round trip it always
+    did. Errors stay per request: every submission of a batch that could not be published gets
+    EnqueueError (its caller answers 503 and fails the row). A batch whose pipeline failed part-way
+    may have delivered some messages; their jobs are failed by their callers, and a worker's claim
+    (a compare-and-set on `queued`/`running`) then finds nothing to run.
     """
 
     MAX_BATCH = 256  # messages per pipeline (kombu flushes by itself at 1000 commands)
@@ -45,8 +50,7 @@ class CeleryDispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._celery = None
-        self._pending: list[tuple[str, asyncio.Future[None]]] = []
-        self._drainer: asyncio.Task[None] | None = None
+        self._batches: Coalescer[str, None] = Coalescer(self._flush, self.MAX_BATCH, _stopping)
         # One sender thread: publishes never run in parallel (they are batched instead), and the
         # producer it takes from Celery's pool stays warm between batches.
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -56,10 +60,26 @@ class CeleryDispatcher:
 
         self._celery = make_celery(self.settings)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mxext-enqueue")
+        self._batches = Coalescer(self._flush, self.MAX_BATCH, _stopping)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
+
+    def _warm_up(self) -> None:
+        """What Celery sets up on its first publish (the broker connection, the producer pool, the
+        result backend that send_task's AsyncResult loads: ~55 ms), done at start-up instead of
+        under the first burst of submissions. A broker that is down now is not fatal: each
+        submission then reports it (503) until it is back."""
+        celery = self._celery
+        assert celery is not None
+        try:
+            celery.backend  # noqa: B018 - loads the backend class (entry points, imports)
+            with celery.producer_or_acquire() as producer:
+                producer.connection.ensure_connection(max_retries=1)
+        except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
+            logger.warning("the job broker is not reachable yet (%s: %s); submissions answer 503 until it is",
+                           type(exc).__name__, exc)  # fmt: skip
 
     async def stop(self) -> None:
-        if self._drainer is not None and not self._drainer.done():
-            await asyncio.wait({self._drainer}, timeout=10.0)
+        await self._batches.close(timeout=10.0)
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -70,43 +90,18 @@ class CeleryDispatcher:
     async def submit(self, job_id: uuid.UUID) -> None:
         if self._celery is None or self._executor is None:
             raise EnqueueError("the job dispatcher has not started")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._pending.append((str(job_id), future))
-        if self._drainer is None:
-            self._drainer = loop.create_task(self._drain())
-        await future
+        await self._batches.submit(str(job_id))
 
-    async def _drain(self) -> None:
-        """Publish what is pending, batch after batch, until nothing is left."""
-        loop = asyncio.get_running_loop()
+    async def _flush(self, ids: list[str]) -> list[None | EnqueueError]:
         try:
-            await asyncio.sleep(0)  # let the submissions of this tick join the first batch
-            while self._pending:
-                batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
-                ids = [job_id for job_id, _ in batch]
-                try:
-                    if self._executor is None:
-                        raise RuntimeError("the job dispatcher has stopped")
-                    error = await loop.run_in_executor(self._executor, self._publish, ids)
-                except Exception as exc:  # noqa: BLE001 - e.g. the executor shut down under us
-                    error = exc
-                for _, future in batch:
-                    if future.done():  # its request went away; the job is queued (or failed) anyway
-                        continue
-                    if error is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(
-                            EnqueueError(f"could not enqueue the job on Redis ({type(error).__name__}: {error})")
-                        )
-        finally:
-            self._drainer = None
-            if self._pending:  # cancelled mid-way (shutdown): nobody will publish these
-                for _, future in self._pending:
-                    if not future.done():
-                        future.set_exception(EnqueueError("the job dispatcher is stopping"))
-                self._pending = []
+            if self._executor is None:
+                raise RuntimeError("the job dispatcher has stopped")
+            error = await asyncio.get_running_loop().run_in_executor(self._executor, self._publish, ids)
+        except Exception as exc:  # noqa: BLE001 - e.g. the executor shut down under us
+            error = exc
+        if error is None:
+            return [None] * len(ids)
+        return [EnqueueError(f"could not enqueue the job on Redis ({type(error).__name__}: {error})") for _ in ids]
 
     def _publish(self, ids: list[str]) -> Exception | None:
         """In the sender thread: one Celery message per job, one Redis pipeline for them all (kombu

@@ -19,7 +19,7 @@ import functools
 import uuid
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -137,9 +137,7 @@ def _connect(sessions: Sessions) -> Any:
 
 
 _SELECT = select(*_ALL)
-_GET = _SELECT.where(JOBS.c.id == bindparam("id"))
-_BY_KEY = _SELECT.where(JOBS.c.idempotency_key == bindparam("key"))
-_INSERT = insert(JOBS)
+_GET = _SELECT.where(JOBS.c.id == bindparam("id"))  # request_cancel's re-read
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,32 +152,83 @@ def _insert_if_new(dialect: str) -> Any:
     return dialect_insert(JOBS).on_conflict_do_nothing(index_elements=[JOBS.c.idempotency_key]).returning(JOBS.c.id)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewJob:
+    """A submission: what `create_jobs` inserts (or finds by its idempotency key)."""
+
+    kind: str
+    params: dict[str, Any]
+    idempotency_key: str | None = None
+
+
+CreateResult = tuple[JobRecord, bool]
+
+
 async def create_job(
     sessions: Sessions, kind: str, params: dict[str, Any], idempotency_key: str | None = None
-) -> tuple[JobRecord, bool]:
-    """A new queued job, or the existing one for a repeated idempotency key: (job, created).
+) -> CreateResult:
+    """A new queued job, or the existing one for a repeated idempotency key: (job, created)."""
+    (result,) = await create_jobs(sessions, [NewJob(kind, params, idempotency_key)])
+    if isinstance(result, Exception):
+        raise result
+    return result
 
-    One round trip for a new job: with a key, `INSERT ... ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING id`; when the key is taken, the job that holds it is read and compared."""
+
+async def create_jobs(sessions: Sessions, requests: list[NewJob]) -> list[CreateResult | Exception]:
+    """Many submissions in one round trip: (job, created) for each, in order, or the JobConflict of a
+    request whose idempotency key holds a job with other parameters.
+
+    One multi-row `INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING id` (ids are made
+    here, so the returned ids say which rows went in); a `SELECT` only for the keys that were taken.
+    Two requests of one batch with the same key get the one job (the second row is the conflict).
+    The API batches concurrent submissions through this (app.jobs.coalesce); `create_job` is one."""
     now = utcnow()
-    job = JobRecord(uuid.uuid4(), kind, "queued", 0.0, params, None, None, idempotency_key, 0, None, False, now,
-                    None, None, now)  # fmt: skip
+    jobs = [
+        JobRecord(uuid.uuid4(), r.kind, "queued", 0.0, r.params, None, None, r.idempotency_key, 0, None, False, now,
+                  None, None, now)
+        for r in requests
+    ]  # fmt: skip
     # The unset columns (result, error, worker, started_at, finished_at) are left to the database's
     # NULL, as the ORM insert did (a None for a JSON column would be stored as JSON null).
-    values = {"id": job.id, "kind": kind, "status": "queued", "progress": 0.0, "params": params,
-              "idempotency_key": idempotency_key, "attempts": 0, "cancel_requested": False,
-              "created_at": now, "updated_at": now}  # fmt: skip
+    values = [
+        {"id": job.id, "kind": job.kind, "status": "queued", "progress": 0.0, "params": job.params,
+         "idempotency_key": job.idempotency_key, "attempts": 0, "cancel_requested": False,
+         "created_at": now, "updated_at": now}
+        for job in jobs
+    ]  # fmt: skip
+    results: list[CreateResult | Exception | None] = [None] * len(requests)
+    todo = list(range(len(requests)))
     async with _connect(sessions) as conn:
-        if idempotency_key is None:
-            await conn.execute(_INSERT, values)
-            return job, True
-        for _ in range(3):  # the holder of the key can only vanish if someone deletes jobs by hand
-            if (await conn.execute(_insert_if_new(conn.dialect.name), values)).first() is not None:
-                return job, True
-            row = (await conn.execute(_BY_KEY, {"key": idempotency_key})).first()
-            if row is not None:
-                return _same_request(_record(row), kind, params, idempotency_key), False
-    raise RuntimeError(f"Idempotency-Key {idempotency_key!r}: the job holding it keeps disappearing")
+        # A taken key's holder can only vanish between the two statements if someone deletes jobs
+        # by hand; its requests then go round again.
+        for _ in range(3):
+            if not todo:
+                break
+            inserted = {row[0] for row in await conn.execute(_insert_if_new(conn.dialect.name), [values[i] for i in todo])}
+            taken = []
+            for i in todo:
+                if jobs[i].id in inserted:
+                    results[i] = (jobs[i], True)
+                else:
+                    taken.append(i)
+            keys = {requests[i].idempotency_key for i in taken}
+            holders = {}
+            if keys:
+                rows = await conn.execute(_SELECT.where(JOBS.c.idempotency_key.in_(keys)))
+                holders = {row.idempotency_key: _record(row) for row in rows}
+            todo = []
+            for i in taken:
+                holder = holders.get(requests[i].idempotency_key)
+                if holder is None:
+                    todo.append(i)
+                    continue
+                try:
+                    results[i] = (_same_request(holder, requests[i].kind, requests[i].params, holder.idempotency_key or ""), False)
+                except JobConflict as exc:
+                    results[i] = exc
+    for i in todo:
+        results[i] = RuntimeError(f"Idempotency-Key {requests[i].idempotency_key!r}: the job holding it keeps disappearing")
+    return [r for r in results if r is not None]
 
 
 def _same_request(existing: JobRecord, kind: str, params: dict[str, Any], key: str) -> JobRecord:
@@ -196,13 +245,22 @@ def _not_found(job_id: Any) -> JobNotFound:
 
 
 async def get_job(sessions: Sessions, job_id: str | uuid.UUID) -> JobRecord:
-    parsed = parse_id(job_id)
-    if parsed is not None:
+    (result,) = await get_jobs(sessions, [job_id])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+async def get_jobs(sessions: Sessions, job_ids: list[str | uuid.UUID]) -> list[JobRecord | JobNotFound]:
+    """Many reads by id in one `SELECT ... WHERE id IN (...)`: the job, or JobNotFound, for each id in
+    order. The API batches concurrent reads through this (app.jobs.coalesce); `get_job` is one."""
+    parsed = [parse_id(job_id) for job_id in job_ids]
+    wanted = {p for p in parsed if p is not None}
+    found: dict[uuid.UUID, JobRecord] = {}
+    if wanted:
         async with _connect(sessions) as conn:
-            row = (await conn.execute(_GET, {"id": parsed})).first()
-        if row is not None:
-            return _record(row)
-    raise _not_found(job_id)
+            found = {row.id: _record(row) for row in await conn.execute(_SELECT.where(JOBS.c.id.in_(wanted)))}
+    return [found[p] if p in found else _not_found(job_id) for p, job_id in zip(parsed, job_ids)]
 
 
 async def list_jobs(

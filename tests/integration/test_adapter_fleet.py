@@ -99,10 +99,17 @@ def lora_root(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def fleet(smollm2_dir, lora_root, redis_server, postgres_url, tmp_path_factory, server_process) -> Iterator[list]:
+def fleet_database(new_postgres_database) -> str:
+    """A database of the fleet's own: its tests check the whole adapter table, which other modules'
+    jobs (a conversion that registers) would otherwise add to."""
+    return new_postgres_database()
+
+
+@pytest.fixture(scope="module")
+def fleet(smollm2_dir, lora_root, redis_server, fleet_database, tmp_path_factory, server_process) -> Iterator[list]:
     """Two replicas, `replica-a` and `replica-b`."""
     env = {
-        "DATABASE_URL": postgres_url,
+        "DATABASE_URL": fleet_database,
         "REDIS_URL": redis_server.url,
         "MXEXT_SIGNAL_CHANNEL": f"mxext:test:{uuid.uuid4().hex[:8]}",
         "MXEXT_RECONCILE_INTERVAL": str(INTERVAL_S),
@@ -215,24 +222,24 @@ def test_a_local_adapter_is_left_alone(fleet, admin, lora_root):
     chat(fleet[0], "local-only")
 
 
-def test_a_lost_hint_converges_on_the_timer(fleet, admin, lora_root, postgres_url):
+def test_a_lost_hint_converges_on_the_timer(fleet, admin, lora_root, fleet_database):
     response = register(admin, "beta", lora_root / "beta", desired=False)
     assert response.status_code == 201 and response.json()["desired"] is False
     time.sleep(0.5)
     assert all("beta" not in loaded(server) for server in fleet)
-    set_in_postgres(postgres_url, "beta", desired=True)  # no hint
+    set_in_postgres(fleet_database, "beta", desired=True)  # no hint
     converge(fleet, lambda server: "beta" in loaded(server), "desire beta without a hint")
-    set_in_postgres(postgres_url, "beta", desired=False)
+    set_in_postgres(fleet_database, "beta", desired=False)
     converge(fleet, lambda server: "beta" not in loaded(server), "undesire beta without a hint")
 
 
-def test_redis_restart_while_the_desired_set_changes(fleet, admin, lora_root, postgres_url, redis_server):
+def test_redis_restart_while_the_desired_set_changes(fleet, admin, lora_root, fleet_database, redis_server):
     assert register(admin, "gamma", lora_root / "gamma", desired=False).status_code == 201
-    set_in_postgres(postgres_url, "beta", desired=True)
+    set_in_postgres(fleet_database, "beta", desired=True)
     converge(fleet, lambda server: "beta" in loaded(server) and "gamma" not in loaded(server), "set-up")
     redis_server.kill()
-    set_in_postgres(postgres_url, "beta", desired=False, status="retired")
-    set_in_postgres(postgres_url, "gamma", desired=True)
+    set_in_postgres(fleet_database, "beta", desired=False, status="retired")
+    set_in_postgres(fleet_database, "gamma", desired=True)
     redis_server.start()
     converge(fleet, lambda server: "gamma" in loaded(server) and "beta" not in loaded(server), "across a Redis restart")
     # The listeners came back and said so (a reconcile followed), and hints flow again.

@@ -154,3 +154,33 @@ def test_a_new_job_reads_back_as_created(db):
     job, _ = new_job(asessions, key="k-read")
     assert store.job_json(run(store.get_job(asessions, job.id))) == store.job_json(job)
     assert run(store.get_job(asessions, job.id)).result is None
+
+
+def test_a_batch_of_submissions_is_one_insert_with_per_request_answers(db):
+    """create_jobs (the API's batched INSERT): repeated keys in one batch make one job, a key reused
+    with other parameters is a JobConflict for that request only, keyless requests each get a job."""
+    asessions, _ = db
+    params = {"source": "/x", "name": "same"}
+    held, _ = new_job(asessions, params, key="held")
+    batch = [
+        store.NewJob("model-pull", params, "k1"),
+        store.NewJob("model-pull", {"source": "/y", "name": "free"}),
+        store.NewJob("model-pull", params, "k1"),
+        store.NewJob("model-pull", {"source": "/x", "name": "other"}, "k1"),
+        store.NewJob("model-pull", params, "held"),
+        store.NewJob("engine-build", params, "held"),
+        store.NewJob("model-pull", {"source": "/y", "name": "free"}),
+    ]
+    results = run(store.create_jobs(asessions, batch))
+    assert len(results) == len(batch)
+    (k1, made), (free1, made_free1), (k1_again, replayed), conflict, (held_again, held_new), wrong_kind, (free2, _) = results
+    assert made and not replayed and k1_again.id == k1.id
+    assert isinstance(conflict, store.JobConflict) and "with other parameters" in str(conflict)
+    assert not held_new and held_again.id == held.id
+    assert isinstance(wrong_kind, store.JobConflict)
+    assert made_free1 and free1.id != free2.id
+    got = run(store.get_jobs(asessions, [k1.id, str(free2.id), "not-an-id", str(uuid.uuid4()), held.id]))
+    assert [g.id for g in (got[0], got[1], got[4])] == [k1.id, free2.id, held.id]
+    assert all(isinstance(g, store.JobNotFound) for g in got[2:4])
+    names = [j.params["name"] for j in run(store.list_jobs(asessions, limit=100))[0]]
+    assert sorted(names) == ["free", "free", "same", "same"]
