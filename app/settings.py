@@ -145,6 +145,10 @@ class S3Settings:
         )
 
 
+# A running job whose row has gone this many heartbeats without a write has lost its worker.
+JOB_STALE_HEARTBEATS = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class ControlPlaneSettings:
     """Job state, workers and signalling. With neither URL set, everything runs embedded: SQLite in
@@ -164,6 +168,13 @@ class ControlPlaneSettings:
     db_pool_size: int = 10
     # MXEXT_VISIBILITY_TIMEOUT: redelivery delay after a lost worker (default: hard limit + 10 min)
     visibility_timeout_override_s: int | None = None
+    # MXEXT_JOB_HEARTBEAT: a running attempt refreshes its row's updated_at this often. A claim takes
+    # a running job only once that is JOB_STALE_HEARTBEATS heartbeats old (its worker is lost).
+    job_heartbeat_s: float = 10.0
+    # MXEXT_JOB_SWEEP_INTERVAL: how often each worker looks for jobs whose message was lost
+    job_sweep_interval_s: float = 60.0
+    # MXEXT_JOB_REQUEUE_AFTER: a job queued this long whose message is not in Redis is published again
+    job_requeue_after_s: float = 300.0
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
 
     def __post_init__(self) -> None:
@@ -171,6 +182,25 @@ class ControlPlaneSettings:
             raise ValueError("MXEXT_JOB_HARD_TIME_LIMIT must be larger than MXEXT_JOB_SOFT_TIME_LIMIT")
         if self.reconcile_interval_s <= 0:
             raise ValueError("MXEXT_RECONCILE_INTERVAL must be positive")
+        for name, value in (("MXEXT_JOB_HEARTBEAT", self.job_heartbeat_s),
+                            ("MXEXT_JOB_SWEEP_INTERVAL", self.job_sweep_interval_s),
+                            ("MXEXT_JOB_REQUEUE_AFTER", self.job_requeue_after_s)):  # fmt: skip
+            if not value > 0:
+                raise ValueError(f"{name}={value}: must be a positive number of seconds")
+        # A lost worker's task comes back after the visibility timeout; the redelivery should find
+        # the dead attempt's heartbeat stale by then and take the job at once, not wait for it.
+        if self.job_stale_after_s > self.visibility_timeout_s / 2:
+            raise ValueError(
+                f"MXEXT_JOB_HEARTBEAT={self.job_heartbeat_s:g} is too long for a visibility timeout of "
+                f"{self.visibility_timeout_s} s: a running job counts as lost after {JOB_STALE_HEARTBEATS} "
+                "heartbeats without news, which must be at most half the visibility timeout "
+                f"(MXEXT_VISIBILITY_TIMEOUT); use a heartbeat of at most {self.visibility_timeout_s / 6:g} s"
+            )
+
+    @property
+    def job_stale_after_s(self) -> float:
+        """A running job whose row is older than this has lost its worker."""
+        return JOB_STALE_HEARTBEATS * self.job_heartbeat_s
 
     @property
     def visibility_timeout_s(self) -> int:
@@ -195,6 +225,9 @@ class ControlPlaneSettings:
             db_pool_size=_env_positive("MXEXT_DB_POOL_SIZE", 10),
             visibility_timeout_override_s=_env_positive("MXEXT_VISIBILITY_TIMEOUT", 1)
             if (os.environ.get("MXEXT_VISIBILITY_TIMEOUT") or "").strip() else None,
+            job_heartbeat_s=_env_float("MXEXT_JOB_HEARTBEAT", 10.0),
+            job_sweep_interval_s=_env_float("MXEXT_JOB_SWEEP_INTERVAL", 60.0),
+            job_requeue_after_s=_env_float("MXEXT_JOB_REQUEUE_AFTER", 300.0),
             s3=S3Settings.from_env(),
         )
 

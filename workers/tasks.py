@@ -6,6 +6,7 @@ import logging
 
 from celery import Task
 from celery.exceptions import TimeLimitExceeded
+from celery.utils.time import get_exponential_backoff_interval
 
 from app.jobs.celery_config import TASK_NAME
 from app.jobs.context import TransientJobError
@@ -13,7 +14,8 @@ from app.settings import get_settings
 from workers.celery_app import app
 
 logger = logging.getLogger("app.jobs")
-MAX_RETRIES = 5
+MAX_RETRIES = 5  # after transient errors; then the job fails with the last message
+BACKOFF_FACTOR_S, BACKOFF_MAX_S = 2, 300
 
 
 class JobTask(Task):
@@ -30,11 +32,22 @@ class JobTask(Task):
                                f"the job ran past its hard time limit ({limit} s, MXEXT_JOB_HARD_TIME_LIMIT) and was killed")  # fmt: skip
 
 
-@app.task(
-    name=TASK_NAME, bind=True, base=JobTask, autoretry_for=(TransientJobError,), retry_backoff=2,
-    retry_backoff_max=300, retry_jitter=True, max_retries=MAX_RETRIES,
-)  # fmt: skip
-def run_job(self: Task, job_id: str) -> str:
+# Retries are ours, not Celery's autoretry: two kinds share Celery's one counter (request.retries),
+# and only one of them is limited. `waits` counts the re-checks of a duplicate delivery that found
+# a live attempt holding the job; the rest of the retries followed transient errors.
+@app.task(name=TASK_NAME, bind=True, base=JobTask, max_retries=None)
+def run_job(self: Task, job_id: str, waits: int = 0) -> str:
     from app.jobs.runner import run_job as run
 
-    return run(job_id, get_settings(), worker=self.request.hostname, can_retry=self.request.retries < MAX_RETRIES)
+    settings = get_settings()
+    transient = self.request.retries - waits
+    try:
+        outcome = run(job_id, settings, worker=self.request.hostname, can_retry=transient < MAX_RETRIES)
+    except TransientJobError as exc:
+        countdown = get_exponential_backoff_interval(BACKOFF_FACTOR_S, transient, BACKOFF_MAX_S, full_jitter=True)
+        raise self.retry(exc=exc, countdown=countdown, args=[job_id], kwargs={"waits": waits}) from exc
+    if outcome == "held":
+        # Check again once the holder's heartbeat could have gone stale: then the job is finished
+        # (nothing to do) or its worker is lost (this delivery takes it over).
+        raise self.retry(countdown=settings.control.job_stale_after_s, args=[job_id], kwargs={"waits": waits + 1})
+    return outcome

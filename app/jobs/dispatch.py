@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import threading
 import uuid
+from typing import Any
 
 from app.db.session import sync_sessions
 from app.jobs.coalesce import Coalescer
@@ -104,22 +105,27 @@ class CeleryDispatcher:
         return [EnqueueError(f"could not enqueue the job on Redis ({type(error).__name__}: {error})") for _ in ids]
 
     def _publish(self, ids: list[str]) -> Exception | None:
-        """In the sender thread: one Celery message per job, one Redis pipeline for them all (kombu
-        falls back to one LPUSH each where the Redis client would retry a pipeline by itself)."""
-        from app.jobs.celery_config import TASK_NAME
-
-        celery = self._celery
-        if celery is None:
+        """In the sender thread: publish() the batch."""
+        if self._celery is None:
             return RuntimeError("the job dispatcher has stopped")
-        try:
-            with celery.producer_or_acquire() as producer, producer.batch(max_size=self.MAX_BATCH + 1):
-                for job_id in ids:
-                    # ignore_result: the row in the database is the job's state, nobody waits on
-                    # Celery's AsyncResult; without it every send subscribes to the result channel.
-                    celery.send_task(TASK_NAME, args=[job_id], ignore_result=True, producer=producer)
-        except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
-            return exc
-        return None
+        return publish(self._celery, ids, self.MAX_BATCH)
+
+
+def publish(celery: Any, ids: list[str], max_batch: int = CeleryDispatcher.MAX_BATCH) -> Exception | None:
+    """One Celery message per job, one Redis pipeline for them all (kombu falls back to one LPUSH
+    each where the Redis client would retry a pipeline by itself). The server's dispatcher and the
+    workers' sweeper (app.jobs.sweeper) both send through this. Returns the error, if any."""
+    from app.jobs.celery_config import TASK_NAME
+
+    try:
+        with celery.producer_or_acquire() as producer, producer.batch(max_size=max_batch + 1):
+            for job_id in ids:
+                # ignore_result: the row in the database is the job's state, nobody waits on
+                # Celery's AsyncResult; without it every send subscribes to the result channel.
+                celery.send_task(TASK_NAME, args=[job_id], ignore_result=True, producer=producer)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
+        return exc
+    return None
 
 
 class EmbeddedRunner:
@@ -142,7 +148,11 @@ class EmbeddedRunner:
         self.worker = f"embedded@{default_worker_name()}"
         self._stopping.clear()
         self._executor = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="mxext-job")
-        left = await asyncio.to_thread(store.unfinished_ids, sync_sessions(self.settings))
+        sessions = sync_sessions(self.settings)
+        # A job a previous process left running may still have a fresh heartbeat, which a claim
+        # would respect; nothing else runs this database's jobs, so it goes back to queued first.
+        await asyncio.to_thread(store.requeue_running, sessions)
+        left = await asyncio.to_thread(store.unfinished_ids, sessions)
         if left:
             logger.info("re-queueing %d job(s) left by a previous process", len(left))
         for job_id in left:

@@ -8,7 +8,12 @@ How it ends:
 * TransientJobError → back to queued and re-raised for a retry with backoff while retries remain,
   then failed with the last message;
 * anything else → failed with `Type: message` (logged with its traceback);
-* the claim moved on to a newer attempt (a redelivery) → this attempt stops writing and leaves.
+* the claim moved on to a newer attempt (a redelivery) → this attempt stops writing and leaves;
+* a live attempt holds the job (a duplicate message) → "held": nothing is run, the task checks again
+  later (workers/tasks.py).
+
+While the service runs, a heartbeat thread refreshes the row's updated_at: that is how another
+worker's claim tells a live attempt (leave it alone) from a lost one (take the job over).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -74,6 +80,34 @@ class _RowLink:
         return self._cancelled
 
 
+class _Heartbeat:
+    """A thread that refreshes the attempt's row every `interval_s` while the service runs (a
+    download chunk or a benchmark may report no progress for minutes)."""
+
+    def __init__(self, sessions: sessionmaker[Session], claim: store.Claim, interval_s: float) -> None:
+        self.sessions = sessions
+        self.claim = claim
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"mxext-heartbeat-{claim.job_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not store.heartbeat(self.sessions, self.claim):
+                    return  # superseded or finished: the attempt finds out at its next check
+            except Exception as exc:  # noqa: BLE001 - a database blip: the next beat tries again
+                logger.warning("job %s: heartbeat failed (%s: %s)", self.claim.job_id, type(exc).__name__, exc)
+
+
 def run_job(
     job_id: str | uuid.UUID,
     settings: Settings,
@@ -83,9 +117,14 @@ def run_job(
     stopping: Callable[[], bool] = lambda: False,
 ) -> str:
     """Run the job if it is still to run; returns how it ended (succeeded, failed, cancelled, retry,
-    skipped, superseded, interrupted). Re-raises TransientJobError when `can_retry`."""
+    skipped, held, superseded, interrupted). Re-raises TransientJobError when `can_retry`."""
     sessions = sync_sessions(settings)
-    claim = store.claim(sessions, job_id, worker or default_worker_name())
+    try:
+        claim = store.claim(sessions, job_id, worker or default_worker_name(),
+                            stale_after_s=settings.control.job_stale_after_s)  # fmt: skip
+    except store.JobHeld as exc:
+        logger.info("%s; this delivery is a duplicate and leaves it running", exc)
+        return "held"
     if claim is None:
         logger.info("job %s: already finished or unknown; nothing to do", job_id)
         return "skipped"
@@ -98,7 +137,8 @@ def run_job(
     ctx = JobContext(str(claim.job_id), settings, report_progress=link.progress, cancel_requested=link.cancel_requested)
     logger.info("job %s (%s): attempt %d started", claim.job_id, claim.kind, claim.attempt)
     try:
-        result = spec.run(claim.params, ctx)
+        with _Heartbeat(sessions, claim, settings.control.job_heartbeat_s):
+            result = spec.run(claim.params, ctx)
     except JobCancelled:
         return _finish(sessions, claim, "cancelled", error="cancelled on request")
     except JobSuperseded as exc:

@@ -7,8 +7,11 @@
 
 Each move is one `UPDATE ... WHERE id = ? AND status IN (...) [AND attempts = ?] RETURNING`, so a
 redelivered task never runs a finished job again, and once a redelivery has claimed a job (attempts
-moved on) the older attempt can neither report progress nor finish it. The API side is async
-(create, get, list, cancel); the worker side is sync (claim, progress, poll, finish, release).
+moved on) the older attempt can neither report progress nor finish it. A running attempt's
+heartbeat is the row's updated_at: a claim takes a running job only once that is stale (its worker
+is lost), so a duplicate message never restarts a live attempt. The API side is async (create, get,
+list, cancel); the worker side is sync (claim, heartbeat, progress, poll, finish, release, and the
+sweeper's unattended/mark_swept).
 """
 
 from __future__ import annotations
@@ -344,27 +347,59 @@ async def fail_unqueued(sessions: Sessions, job_id: uuid.UUID, error: str) -> No
 # ---- worker side (sync) --------------------------------------------------------------------------
 
 
-def claim(sessions: sessionmaker[Session], job_id: str | uuid.UUID, worker: str) -> Claim | None:
-    """queued → running, or running → running for a redelivery after a lost worker (attempts + 1).
-    None when the job is unknown or already finished: the task has nothing to do."""
+class JobHeld(Exception):
+    """A live attempt holds the job (its heartbeat is fresh): this delivery is a duplicate and checks
+    again later, until the job finishes or its holder's heartbeat goes stale."""
+
+
+def claim(sessions: sessionmaker[Session], job_id: str | uuid.UUID, worker: str, *, stale_after_s: float = 30.0) -> Claim | None:
+    """queued → running; or running → running (attempts + 1) when the holder's heartbeat (updated_at)
+    is older than `stale_after_s`: its worker is lost and this is the redelivery. The default is 3 ×
+    the default heartbeat; the runner passes the settings' value.
+
+    None when the job is unknown or already finished: the task has nothing to do. JobHeld when a
+    live attempt runs it: taking it would throw that attempt's work away."""
     parsed = parse_id(job_id)
     if parsed is None:
         return None
     now = utcnow()
+    takeable = or_(Job.status == "queued",
+                   and_(Job.status == "running", Job.updated_at <= now - dt.timedelta(seconds=stale_after_s)))  # fmt: skip
     with sessions.begin() as session:
         row = session.execute(
-            update(Job).where(Job.id == parsed, Job.status.in_(("queued", "running")))
+            update(Job).where(Job.id == parsed, takeable)
             .values(status="running", attempts=Job.attempts + 1, worker=worker[:255],
                     started_at=func.coalesce(Job.started_at, now), updated_at=now)
             .returning(Job.kind, Job.params, Job.attempts, Job.cancel_requested)
         ).one_or_none()  # fmt: skip
-    if row is None:
+        if row is None:
+            held = session.execute(
+                select(Job.status, Job.attempts, Job.worker, Job.updated_at).where(Job.id == parsed)
+            ).one_or_none()
+    if row is not None:
+        return Claim(parsed, row.kind, dict(row.params or {}), row.attempts, bool(row.cancel_requested))
+    if held is None or held.status in FINISHED:
         return None
-    return Claim(parsed, row.kind, dict(row.params or {}), row.attempts, bool(row.cancel_requested))
+    # Running with a fresh heartbeat (or moved back to queued between our two statements, which a
+    # later check takes).
+    age = (now - _aware(held.updated_at)).total_seconds()
+    raise JobHeld(f"job {parsed}: attempt {held.attempts} on {held.worker} is alive (last heartbeat {age:.1f} s ago)")
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)  # SQLite: naive UTC
 
 
 def _mine(claim_: Claim) -> Any:
     return and_(Job.id == claim_.job_id, Job.status == "running", Job.attempts == claim_.attempt)
+
+
+def heartbeat(sessions: sessionmaker[Session], claim_: Claim) -> bool:
+    """Refresh updated_at, the sign of life other workers' claims read; False when this attempt no
+    longer owns the job."""
+    with sessions.begin() as session:
+        result = session.execute(update(Job).where(_mine(claim_)).values(updated_at=utcnow()))
+    return result.rowcount == 1
 
 
 def report_progress(sessions: sessionmaker[Session], claim_: Claim, percent: float) -> bool:
@@ -427,8 +462,42 @@ def fail_running(sessions: sessionmaker[Session], job_id: str | uuid.UUID, error
     return result.rowcount == 1
 
 
+def requeue_running(sessions: sessionmaker[Session]) -> int:
+    """running → queued for every running job, whatever its heartbeat: at an embedded runner's
+    start-up the process that ran them is gone. Returns how many."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job).where(Job.status == "running").values(status="queued", worker=None, updated_at=utcnow())
+        )
+    return result.rowcount
+
+
 def unfinished_ids(sessions: sessionmaker[Session]) -> list[uuid.UUID]:
     """Jobs left queued or running (oldest first): the embedded runner re-queues them on start-up."""
     with sessions() as session:
         query = select(Job.id).where(Job.status.in_(("queued", "running"))).order_by(Job.created_at)
         return list(session.execute(query).scalars())
+
+
+def unattended(sessions: sessionmaker[Session], *, queued_before: dt.datetime, running_before: dt.datetime,
+               limit: int = 500) -> list[tuple[uuid.UUID, str]]:  # fmt: skip
+    """(id, status) of jobs queued and untouched since `queued_before`, or running with no heartbeat
+    since `running_before`, oldest first: the sweeper checks whether their message is still in Redis."""
+    query = (
+        select(Job.id, Job.status)
+        .where(or_(and_(Job.status == "queued", Job.updated_at < queued_before),
+                   and_(Job.status == "running", Job.updated_at < running_before)))
+        .order_by(Job.updated_at).limit(limit)
+    )  # fmt: skip
+    with sessions() as session:
+        return [(row.id, row.status) for row in session.execute(query)]
+
+
+def mark_swept(sessions: sessionmaker[Session], job_id: uuid.UUID, status: str, before: dt.datetime) -> bool:
+    """updated_at = now for a job still `status` and untouched since `before`: of many sweepers that
+    found it, the one whose UPDATE matched acts on it, and none looks at it again for a period."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == status, Job.updated_at < before).values(updated_at=utcnow())
+        )
+    return result.rowcount == 1

@@ -21,7 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_worker(args: argparse.Namespace) -> int:
     from app.settings import get_settings
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValueError as exc:  # a bad MXEXT_* value: the message says which and what to use
+        print(f"mxext worker: {exc}", file=sys.stderr)
+        return 2
     if not settings.control.redis_url:
         print("mxext worker: REDIS_URL is not set. Workers take jobs from Redis: set REDIS_URL=redis://host:6379/0 "
               "(and DATABASE_URL=postgresql://user@host/db). Without them `mxext serve` runs jobs in-process "
@@ -40,6 +44,11 @@ def run_worker(args: argparse.Namespace) -> int:
             return 2
         os.environ["MXEXT_VISIBILITY_TIMEOUT"] = str(args.visibility_timeout)  # for prefork children too
         get_settings.cache_clear()  # the Celery app below reads the settings again, with it
+        try:
+            get_settings()
+        except ValueError as exc:  # e.g. a heartbeat too long for this timeout
+            print(f"mxext worker: --visibility-timeout {args.visibility_timeout}: {exc}", file=sys.stderr)
+            return 2
     from workers.celery_app import app
 
     argv = ["worker", f"--concurrency={args.concurrency}", f"--pool={args.pool}", f"--loglevel={args.loglevel}",

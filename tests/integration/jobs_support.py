@@ -10,13 +10,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
 
+from app.db.models import Job
+from app.db.session import sync_sessions
 from app.settings import ControlPlaneSettings, Settings, StoreSettings
+from tests.integration.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SLOW_KIND = "tests.integration.slow_job_kind:SLOW"
@@ -77,11 +82,11 @@ class WorkerProcess:
     """`python -m app.cli worker` against the test's Postgres and Redis, its output in a log file."""
 
     def __init__(self, settings: Settings, log_path: Path, *, name: str = "w1", visibility_timeout: int | None = None,
-                 pool: str = "prefork", extra_env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 pool: str = "prefork", concurrency: int = 1, extra_env: dict[str, str] | None = None) -> None:  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DATABASE_URL": settings.control.database_url or "",
                "REDIS_URL": settings.control.redis_url or "", "MXEXT_HOME": str(settings.store.home),
                "MXEXT_EXTRA_JOB_KINDS": SLOW_KIND, **(extra_env or {})}  # fmt: skip
-        command = [sys.executable, "-m", "app.cli", "worker", "--pool", pool, "--concurrency", "1",
+        command = [sys.executable, "-m", "app.cli", "worker", "--pool", pool, "--concurrency", str(concurrency),
                    "--loglevel", "INFO", "--hostname", f"{name}@%h"]  # fmt: skip
         if visibility_timeout:
             command += ["--visibility-timeout", str(visibility_timeout)]
@@ -118,6 +123,59 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()
+
+
+class RedisServer:
+    """A redis-server of our own on a free port, nothing kept on disk (like the compose stack's), so
+    a test can kill it and start it again: every message it held is gone."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(self.workdir)]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                if redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping():
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def row(settings: Settings, job_id: Any) -> Job:
+    """The job's row, read now."""
+    with sync_sessions(settings)() as session:
+        return session.get(Job, uuid.UUID(str(job_id)))
+
+
+def wait_row(settings: Settings, job_id: Any, until: Callable[[Job], bool], timeout: float = 60.0) -> Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = row(settings, job_id)
+        if until(job) or time.monotonic() > deadline:
+            assert until(job), (job.status, job.progress, job.attempts, job.error)
+            return job
+        time.sleep(0.1)
+
+
+def count(settings: Settings, model: Any, **where: Any) -> int:
+    with sync_sessions(settings)() as session:
+        return session.execute(select(func.count()).select_from(model).filter_by(**where)).scalar_one()
 
 
 def submit(client: Any, route: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from app.db.models import BenchmarkRun, Job, LoraAdapter, ModelArtifact
 from app.db.session import sync_sessions
 from app.jobs.celery_config import TASK_NAME, make_celery
-from tests.integration.jobs_support import WorkerProcess, job_server, job_settings, submit, wait_job
+from tests.integration.jobs_support import WorkerProcess, count, job_server, job_settings, row, submit, wait_job, wait_row
 
 VISIBILITY_S = 3  # a lost worker's task comes back after this long (production: hard limit + 600 s)
+HEARTBEAT_S = 0.5  # a running attempt's heartbeat: stale (its worker lost) after 3 of them, 1.5 s
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def worker_factory(settings, tmp_path):
 
     def start(name: str) -> WorkerProcess:
         worker = WorkerProcess(settings, tmp_path / f"{name}.log", name=name, visibility_timeout=VISIBILITY_S,
-                               extra_env={"VLLM_MXEXT_LORA_ROOTS": str(tmp_path)})  # fmt: skip
+                               extra_env={"VLLM_MXEXT_LORA_ROOTS": str(tmp_path),
+                                          "MXEXT_JOB_HEARTBEAT": str(HEARTBEAT_S)})  # fmt: skip
         started.append(worker)
         worker.wait_ready()
         return worker
@@ -58,27 +60,6 @@ def send(settings, job_id) -> None:
     celery.close()
 
 
-def row(settings, job_id) -> Job:
-    with sync_sessions(settings)() as session:
-        return session.get(Job, uuid.UUID(str(job_id)))
-
-
-def wait_row(settings, job_id, until, timeout: float = 60.0) -> Job:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = row(settings, job_id)
-        if until(job) or time.monotonic() > deadline:
-            assert until(job), (job.status, job.progress, job.attempts, job.error)
-            return job
-        time.sleep(0.1)
-
-
-def count(settings, model, **where) -> int:
-    with sync_sessions(settings)() as session:
-        query = select(func.count()).select_from(model).filter_by(**where)
-        return session.execute(query).scalar_one()
-
-
 def test_sigkill_mid_job_completes_exactly_once_on_another_worker(settings, worker_factory):
     name = f"slow-{uuid.uuid4().hex[:6]}"
     first = worker_factory("first")
@@ -88,7 +69,9 @@ def test_sigkill_mid_job_completes_exactly_once_on_another_worker(settings, work
     staging = list(settings.store.models_dir.glob(f".staging-{name}-*"))
     assert staging and not (settings.store.models_dir / name).exists()  # half-written, never visible
 
-    worker_factory("second")  # sweeps the lost task back after VISIBILITY_S and runs it again
+    # Sweeps the lost task back after VISIBILITY_S and runs it again once the dead attempt's
+    # heartbeat is stale.
+    worker_factory("second")
     job = wait_row(settings, job_id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
     assert (job.status, job.attempts, job.error) == ("succeeded", 2, None)
     assert job.worker.startswith("second@")

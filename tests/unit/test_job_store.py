@@ -43,7 +43,7 @@ def test_claim_then_redelivery_supersedes_the_first_attempt(db):
     first = store.claim(sessions, job.id, "w1")
     assert (first.attempt, first.kind, first.params) == (1, "model-pull", {"source": "/x", "name": "m"})
     assert store.report_progress(sessions, first, 10.0)
-    second = store.claim(sessions, job.id, "w2")  # the task came back after w1 was lost
+    second = store.claim(sessions, job.id, "w2", stale_after_s=0)  # the task came back after w1 was lost
     assert second.attempt == 2
     # The first attempt can neither report nor finish any more; the second can.
     assert not store.report_progress(sessions, first, 50.0)
@@ -58,6 +58,72 @@ def test_claim_then_redelivery_supersedes_the_first_attempt(db):
     # A finished job is never claimed again (a late redelivery does nothing).
     assert store.claim(sessions, job.id, "w3") is None
     assert run(store.get_job(asessions, job.id)).attempts == 2
+
+
+def age_job(sessions, job_id, seconds: float) -> None:
+    """Move the row's updated_at (its heartbeat) `seconds` into the past: time passing with no write."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from app.db.models import Job
+
+    with sessions.begin() as session:  # in Python: SQLite has no datetime arithmetic on these columns
+        then = session.get(Job, job_id).updated_at - dt.timedelta(seconds=seconds)
+        session.execute(update(Job).where(Job.id == job_id).values(updated_at=then))
+
+
+def test_a_live_attempt_keeps_its_job_and_a_stale_one_is_taken_over(db):
+    asessions, sessions = db
+    job, _ = new_job(asessions)
+    first = store.claim(sessions, job.id, "w1", stale_after_s=30)
+    age_job(sessions, job.id, 20)
+    with pytest.raises(store.JobHeld, match="attempt 1 on w1 is alive"):  # a duplicate message
+        store.claim(sessions, job.id, "w2", stale_after_s=30)
+    age_job(sessions, job.id, 20)  # 40 s without news, but a heartbeat arrives before the duplicate's check
+    assert store.heartbeat(sessions, first)
+    with pytest.raises(store.JobHeld):
+        store.claim(sessions, job.id, "w2", stale_after_s=30)
+    got = run(store.get_job(asessions, job.id))
+    assert (got.status, got.attempts, got.worker) == ("running", 1, "w1")
+
+    age_job(sessions, job.id, 31)  # w1 went quiet: its worker is lost
+    second = store.claim(sessions, job.id, "w2", stale_after_s=30)
+    assert second.attempt == 2
+    assert not store.heartbeat(sessions, first) and store.heartbeat(sessions, second)
+    with sessions.begin() as session:
+        assert store.finish(session, second, "succeeded", result={})
+    assert store.claim(sessions, job.id, "w3", stale_after_s=30) is None  # finished: nothing to do, not held
+
+
+def test_the_embedded_start_up_requeues_running_jobs_whatever_their_heartbeat(db):
+    asessions, sessions = db
+    job, _ = new_job(asessions)
+    store.claim(sessions, job.id, "embedded@old")
+    assert store.requeue_running(sessions) == 1
+    got = run(store.get_job(asessions, job.id))
+    assert (got.status, got.worker) == ("queued", None)
+    assert store.claim(sessions, job.id, "embedded@new").attempt == 2
+
+
+def test_only_one_sweeper_takes_a_job_per_period(db):
+    import datetime as dt
+
+    from app.db.models import utcnow
+
+    asessions, sessions = db
+    old, _ = new_job(asessions, params={"source": "/x", "name": "old"})
+    young, _ = new_job(asessions, params={"source": "/x", "name": "young"})
+    running, _ = new_job(asessions, params={"source": "/x", "name": "running"})
+    store.claim(sessions, running.id, "w")
+    for job_id in (old.id, running.id):
+        age_job(sessions, job_id, 600)
+    before = utcnow() - dt.timedelta(seconds=300)
+    assert store.unattended(sessions, queued_before=before, running_before=before) == [(old.id, "queued"), (running.id, "running")]
+    assert store.mark_swept(sessions, old.id, "queued", before)
+    assert not store.mark_swept(sessions, old.id, "queued", before)  # a second sweeper, same period
+    assert not store.mark_swept(sessions, running.id, "queued", before)  # it moved on since it was found
+    assert store.unattended(sessions, queued_before=before, running_before=before) == [(running.id, "running")]
 
 
 def test_only_one_finish_wins(db):
