@@ -7,6 +7,8 @@ the driver (psycopg 3, which does both sync and async). Without it, SQLite in th
 from __future__ import annotations
 
 import functools
+import os
+import weakref
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -53,13 +55,30 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cursor.close()
 
 
+# Sync engines of this process. A process forked from it (Celery's prefork pool replacing a child,
+# after a hard time limit for instance) must not use the parent's pooled connections: two processes
+# on one Postgres socket corrupt each other's protocol state. After a fork the child forgets them
+# (dispose(close=False) leaves the parent's sockets open for the parent) and opens its own.
+_SYNC_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _forget_inherited_connections() -> None:
+    for engine in list(_SYNC_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
 def make_sync_engine(settings: Settings) -> Engine:
     url = database_url(settings)
     if url.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         _sqlite_pragmas(engine)
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    _SYNC_ENGINES.add(engine)
+    return engine
 
 
 def make_async_engine(settings: Settings) -> AsyncEngine:
