@@ -185,18 +185,21 @@ async def create_jobs(sessions: Sessions, requests: list[NewJob]) -> list[Create
     here, so the returned ids say which rows went in); a `SELECT` only for the keys that were taken.
     Two requests of one batch with the same key get the one job (the second row is the conflict).
     The API batches concurrent submissions through this (app.jobs.coalesce); `create_job` is one."""
-    now = utcnow()
+    # One microsecond apart, in request order: a listing (newest first) keeps the order in which a
+    # burst arrived, where one shared timestamp would have its ties broken by random id.
+    start = utcnow()
     jobs = [
         JobRecord(uuid.uuid4(), r.kind, "queued", 0.0, r.params, None, None, r.idempotency_key, 0, None, False, now,
                   None, None, now)
-        for r in requests
+        for i, r in enumerate(requests)
+        for now in (start + dt.timedelta(microseconds=i),)
     ]  # fmt: skip
     # The unset columns (result, error, worker, started_at, finished_at) are left to the database's
     # NULL, as the ORM insert did (a None for a JSON column would be stored as JSON null).
     values = [
         {"id": job.id, "kind": job.kind, "status": "queued", "progress": 0.0, "params": job.params,
          "idempotency_key": job.idempotency_key, "attempts": 0, "cancel_requested": False,
-         "created_at": now, "updated_at": now}
+         "created_at": job.created_at, "updated_at": job.created_at}
         for job in jobs
     ]  # fmt: skip
     results: list[CreateResult | Exception | None] = [None] * len(requests)

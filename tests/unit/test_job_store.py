@@ -250,3 +250,11 @@ def test_a_batch_of_submissions_is_one_insert_with_per_request_answers(db):
     assert all(isinstance(g, store.JobNotFound) for g in got[2:4])
     names = [j.params["name"] for j in run(store.list_jobs(asessions, limit=100))[0]]
     assert sorted(names) == ["free", "free", "same", "same"]
+
+
+def test_a_batch_lists_in_the_order_it_arrived(db):
+    asessions, _ = db
+    batch = [store.NewJob("model-pull", {"source": "/x", "name": f"n{i}"}) for i in range(30)]
+    run(store.create_jobs(asessions, batch))
+    listed = [j.params["name"] for j in run(store.list_jobs(asessions, limit=100))[0]]
+    assert listed == [f"n{i}" for i in reversed(range(30))]  # newest first
