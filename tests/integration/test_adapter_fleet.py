@@ -6,11 +6,9 @@ hint arrives, is lost, or Redis restarts meanwhile.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.integration.jobs_support import RedisServer
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("peft")
@@ -30,37 +28,6 @@ INTERVAL_S = 2.0  # MXEXT_RECONCILE_INTERVAL for the servers
 # One period, plus what a reconcile takes (an adapter load on a shared 2-core machine) and polling.
 CONVERGE_LIMIT_S = INTERVAL_S + 2.0
 PROMPT = [{"role": "user", "content": "Name three colours."}]
-
-
-class RedisServer:
-    """A redis-server of our own on a fixed port, so it can be killed and started again."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", str(self.workdir)]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(redis.RedisError):
-                if redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping():
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
 
 
 @pytest.fixture(scope="module")
