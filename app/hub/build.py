@@ -9,7 +9,9 @@ the small built-in table below (`native-bf16`, `native-fp16`, `native-fp32`, `tr
 * trtllm: TensorRT-LLM's engine build through its LLM API, where `tensorrt_llm` is importable; on
   any other worker the job fails saying what to install.
 
-The output goes through `atomic_folder`, so a failed or cancelled build leaves nothing in the store.
+The output goes through `atomic_folder`, so a failed or cancelled build leaves nothing in the store;
+its manifest (app.jobs.outputs) names the job, so a redelivered build completes from an output it
+already renamed into place.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from app.jobs.context import JobContext, JobError, atomic_folder
+from app.jobs.outputs import own_output, timestamp, write_manifest
 
 ENGINES = ("native", "trtllm")
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -32,6 +35,7 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 PROFILES = {f"{engine}-{short}": (engine, dtype) for engine in ENGINES for dtype, short in DTYPES.items()}
 PROFILES.pop("trtllm-fp32")  # TensorRT-LLM builds in half precision
 BUILD_FILE = "build.json"
+_RESULT_KEYS = ("engine", "dtype", "profile", "format", "source", "files", "size_bytes", "sha256")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +76,9 @@ def build_engine(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     source, source_name = resolve_model(str(params["model"]), ctx)
     name = params.get("name") or f"{source_name}-{profile.name}"
     final = ctx.settings.store.models_dir / name
-    if final.exists():
-        raise JobError(f"name {name!r}: {final} already exists; give another \"name\" or remove that model first")
+    done = own_output(final, ctx.job_id, model=params["model"], profile=profile.name)  # JobError: taken
+    if done is not None:  # a redelivery after the rename but before the job row was updated
+        return {"path": str(final), **{k: done.get(k) for k in _RESULT_KEYS}}
     ctx.check_cancelled()
     with atomic_folder(final, ctx.job_id) as staging:
         if profile.engine == "native":
@@ -86,12 +91,13 @@ def build_engine(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
             {"source": str(source), "model": params["model"], "profile": profile.name, "job_id": ctx.job_id}, indent=2
         ) + "\n", encoding="utf-8")  # fmt: skip
         files = _checksums(staging, ctx)
+        digest = hashlib.sha256("".join(f"{f['name']}:{f['sha256']}\n" for f in files).encode()).hexdigest()
+        result = {"engine": profile.engine, "dtype": profile.dtype, "profile": profile.name, "format": fmt,
+                  "source": str(source), "files": files, "size_bytes": sum(f["size"] for f in files), "sha256": digest}
+        write_manifest(staging, ctx.job_id, model=params["model"], built_at=timestamp(), **result)  # hidden: not in files
         ctx.check_cancelled()
     ctx.progress(100.0)
-    digest = hashlib.sha256("".join(f"{f['name']}:{f['sha256']}\n" for f in files).encode()).hexdigest()
-    return {"path": str(final), "engine": profile.engine, "dtype": profile.dtype, "profile": profile.name,
-            "format": fmt, "source": str(source), "files": files, "size_bytes": sum(f["size"] for f in files),
-            "sha256": digest}  # fmt: skip
+    return {"path": str(final), **result}
 
 
 def resolve_model(model: str, ctx: JobContext) -> tuple[Path, str]:

@@ -1,7 +1,8 @@
 """The LoRA conversion job: read an adapter in one format, write it in another into the store.
 
 Everything is read and checked before a byte is written; the output goes through `atomic_folder`,
-so a failed or cancelled job leaves nothing in the adapters folder.
+so a failed or cancelled job leaves nothing in the adapters folder. Its manifest (app.jobs.outputs)
+names the job, so a redelivered job completes from an output it already renamed into place.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from app.adapters.convert.trtllm_format import OUTPUT_DTYPES, read_trtllm, write
 from app.adapters.lora_config import ADAPTER_NAME_PATTERN, ADAPTER_NAME_RULE
 from app.adapters.security import AdapterPathError, check_adapter_path
 from app.jobs.context import JobContext, JobError, atomic_folder
+from app.jobs.outputs import MANIFEST_NAME, own_output, timestamp, write_manifest
 from app.settings import Settings
 
 logger = logging.getLogger("app.adapters")
@@ -42,8 +44,9 @@ def convert_lora(params: dict, ctx: JobContext) -> dict:
     from_format = normalise_format(params.get("from_format"), "from_format")
     out_dtype = _output_dtype(params.get("dtype"), to_format)
     final = ctx.settings.store.adapters_dir / name
-    if final.exists():
-        raise JobError(f"adapter {name!r} already exists in the store ({final}); choose another name or remove it")
+    done = own_output(final, ctx.job_id, source=params.get("source"), format=to_format)  # JobError: taken
+    if done is not None:  # a redelivery after the rename but before the job row was updated
+        return _result(final, done)
     roots = _roots(ctx.settings)
     source = _source_path(params.get("source"), roots)
     detected = from_format or detect_format(source)
@@ -70,19 +73,21 @@ def convert_lora(params: dict, ctx: JobContext) -> dict:
             write_trtllm(adapter, staging, out_dtype, tick)
         ctx.check_cancelled()
         ctx.progress(90)
-        files, digest = _digest(staging)
+        # Before the digest, which covers every file of the folder (the registry checks it so).
+        manifest = write_manifest(staging, ctx.job_id, source=params.get("source"), format=to_format,
+                                  from_format=detected, rank=rank, target_modules=adapter.target_modules,
+                                  base_model=adapter.base_model, converted_at=timestamp())  # fmt: skip
+        result = _result(staging, manifest)
     ctx.progress(100)
     logger.info("converted LoRA %s (%s) to %s at %s", source, detected, to_format, final)
-    return {
-        "path": str(final),
-        "format": to_format,
-        "from_format": detected,
-        "rank": rank,
-        "target_modules": adapter.target_modules,
-        "base_model": adapter.base_model,
-        "sha256": digest,
-        "files": files,
-    }
+    return {**result, "path": str(final)}
+
+
+def _result(folder: Path, manifest: dict) -> dict:
+    """The job's result for the output in `folder`, from its manifest and its files."""
+    files, digest = _digest(folder)
+    keys = ("format", "from_format", "rank", "target_modules", "base_model")
+    return {"path": str(folder), **{k: manifest.get(k) for k in keys}, "sha256": digest, "files": files}
 
 
 def _adapter_name(name: object) -> str:
@@ -165,5 +170,6 @@ def _base_layout(raw: object, settings: Settings, *, required: bool) -> ModelLay
 
 
 def _digest(folder: Path) -> tuple[list[str], str]:
-    """The output's file names (sorted) and the folder digest (app.adapters.digest)."""
-    return folder_files(folder), folder_digest(folder)
+    """The output's file names (sorted; the hidden manifest left out) and the folder digest
+    (app.adapters.digest: every file, the manifest included)."""
+    return [n for n in folder_files(folder) if n != MANIFEST_NAME], folder_digest(folder)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from app.jobs.context import JobContext, JobError, TransientJobError
+from app.jobs.outputs import MANIFEST_NAME  # noqa: F401 - re-exported: the pull's readers import it from here
+from app.jobs.outputs import timestamp, write_manifest
 
-MANIFEST_NAME = ".mxext-manifest.json"
 CHUNK_SIZE = 1 << 20
 # Pickled weights run code when loaded; we never copy them, let alone open them. `.bin` covers
 # pytorch_model*.bin, adapter_model.bin and training_args.bin, all pickles in HF repos.
@@ -150,13 +150,7 @@ def files_digest(entries: list[dict[str, Any]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def write_manifest(folder: Path, source: str, entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    manifest = {
-        "source": source,
-        "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": sorted(entries, key=lambda e: e["name"]),
-        "sha256": files_digest(entries),
-        **extra,
-    }
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
+def write_pull_manifest(folder: Path, source: str, entries: list[dict[str, Any]], job_id: str, **extra: Any) -> dict[str, Any]:
+    """The pulled model's manifest (app.jobs.outputs): source, each file's size and sha256, the job."""
+    return write_manifest(folder, job_id, source=source, pulled_at=timestamp(),
+                          files=sorted(entries, key=lambda e: e["name"]), sha256=files_digest(entries), **extra)  # fmt: skip

@@ -15,17 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from app.hub.sources.dispatch import DOWNLOAD_SHARE, list_source_files
-from app.hub.sources.files import (
-    MANIFEST_NAME,
-    ByteProgress,
-    copy_files,
-    hash_file,
-    is_hidden,
-    select_model_files,
-    write_manifest,
-)
+from app.hub.sources.files import ByteProgress, copy_files, hash_file, is_hidden, select_model_files, write_pull_manifest
 from app.hub.sources.spec import check_model_name, parse_source
 from app.jobs.context import JobContext, JobError, atomic_folder
+from app.jobs.outputs import own_output
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +33,11 @@ def pull_model(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     name = check_model_name(params.get("name"))
     spec = parse_source(params.get("source"))
     final = ctx.settings.store.models_dir / name
-    if final.exists():
-        finished = _finished_by_this_job(final, str(spec), ctx.job_id)
-        if finished is not None:  # a redelivery after the rename but before the job row was updated
-            return finished
-        raise JobError(f"name {name!r}: {final} already exists; choose another name or remove that model first")
+    done = own_output(final, ctx.job_id, source=str(spec))  # JobError when another job's model has the name
+    if done is not None:  # a redelivery after the rename but before the job row was updated
+        files = done.get("files") or []
+        return {"path": str(final), "source": str(spec), "files": files,
+                "size_bytes": sum(int(f["size"]) for f in files), "sha256": done.get("sha256")}  # fmt: skip
     ctx.check_cancelled()
 
     listing = list_source_files(spec, ctx)
@@ -59,30 +52,12 @@ def pull_model(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
             scratch = staging / ".gguf-source"
             (extra["converted_from"],) = copy_files(selection.files, scratch, ctx, progress, str(spec))
             entries = _convert_gguf(scratch / selection.gguf.name, staging, ctx, str(spec))
-        manifest = write_manifest(staging, str(spec), entries, job_id=ctx.job_id, **extra)
+        manifest = write_pull_manifest(staging, str(spec), entries, ctx.job_id, **extra)
         ctx.check_cancelled()  # the last moment a cancel can still leave nothing behind
     ctx.progress(100.0)
     size = sum(e["size"] for e in entries)
     logger.info("pulled %s into %s (%d files, %d bytes)", spec, final, len(entries), size)
     return {"path": str(final), "source": str(spec), "files": manifest["files"], "size_bytes": size, "sha256": manifest["sha256"]}
-
-
-def _finished_by_this_job(final: Path, source: str, job_id: str) -> dict[str, Any] | None:
-    """The result of a pull this same job already completed into `final` (its manifest names the
-    job), or None. A worker lost between the rename and the row update is redelivered: the job
-    then completes from what is in place instead of failing on its own output."""
-    import json
-
-    try:
-        manifest = json.loads((final / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if manifest.get("job_id") != job_id or manifest.get("source") != source:
-        return None
-    files = manifest.get("files") or []
-    logger.info("%s: already pulled by this job (job %s); completing from the manifest", final, job_id)
-    return {"path": str(final), "source": source, "files": files, "size_bytes": sum(int(f["size"]) for f in files),
-            "sha256": manifest.get("sha256")}
 
 
 def _convert_gguf(gguf: Path, staging: Path, ctx: JobContext, where: str) -> list[dict[str, Any]]:
