@@ -1,15 +1,22 @@
 """One content digest for an adapter folder, shared by the conversion service (which reports it)
 and the registry (which checks it): sha256 over each file's relative name, a NUL and its bytes, in
-sorted name order, so a renamed or changed file changes the digest."""
+sorted name order, so a renamed or changed file changes the digest. The job manifest (who wrote the
+folder and when) is not part of the adapter: the same weights converted twice have one digest, so
+servers are not told to reload an adapter that did not change."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+from app.jobs.outputs import MANIFEST_NAME
+
 
 def folder_files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """The adapter's files, relative to `folder`, sorted; the job manifest left out."""
+    return sorted(
+        name for p in folder.rglob("*") if p.is_file() and (name := p.relative_to(folder).as_posix()) != MANIFEST_NAME
+    )
 
 
 def folder_digest(folder: Path) -> str:

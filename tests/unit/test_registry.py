@@ -135,3 +135,19 @@ async def test_desire_retire_desired_set_and_replica_reports(settings, root):
             assert [r.replica_id for r in (await registry.get_adapter(session, "a")).replicas] == ["r1"]
     finally:
         await engine.dispose()
+
+
+def test_the_digest_covers_the_weights_and_names_not_the_job_manifest(tmp_path):
+    from app.adapters.digest import folder_digest, folder_files
+    from app.jobs.outputs import write_manifest
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    before = folder_digest(folder)
+    write_manifest(folder, "job-1", source="/x")
+    assert folder_digest(folder) == before and folder_files(folder) == ["adapter_model.safetensors"]
+    write_manifest(folder, "job-2", source="/x")  # the same weights converted again by another job
+    assert folder_digest(folder) == before
+    (folder / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert folder_digest(folder) != before

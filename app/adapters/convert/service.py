@@ -21,7 +21,7 @@ from app.adapters.convert.trtllm_format import OUTPUT_DTYPES, read_trtllm, write
 from app.adapters.lora_config import ADAPTER_NAME_PATTERN, ADAPTER_NAME_RULE
 from app.adapters.security import AdapterPathError, check_adapter_path
 from app.jobs.context import JobContext, JobError, atomic_folder
-from app.jobs.outputs import MANIFEST_NAME, own_output, timestamp, write_manifest
+from app.jobs.outputs import own_output, timestamp, write_manifest
 from app.settings import Settings
 
 logger = logging.getLogger("app.adapters")
@@ -172,4 +172,4 @@ def _base_layout(raw: object, settings: Settings, *, required: bool) -> ModelLay
 def _digest(folder: Path) -> tuple[list[str], str]:
     """The output's file names (sorted; the hidden manifest left out) and the folder digest
     (app.adapters.digest: every file, the manifest included)."""
-    return [n for n in folder_files(folder) if n != MANIFEST_NAME], folder_digest(folder)
+    return folder_files(folder), folder_digest(folder)
