@@ -4,8 +4,13 @@ It answers /v1/completions and /v1/chat/completions (streamed or not), /tokenize
 /v1/models. A stream waits `ttft` seconds, sends the first output chunk, then waits each of `gaps`
 before the next one; every output chunk carries `tokens_per_chunk` tokens, and usage (when asked
 for) reports their sum. Chat streams start with a role-only chunk sent at once (as OpenAI's and
-ours do), which must not count as the first token. It records when it wrote each chunk
-(`time.perf_counter()`, the same clock as the client's when both run in one process).
+ours do), which must not count as the first token.
+
+What it actually did is in `exchanges`, one `Exchange` per generation request, in
+`time.perf_counter()` seconds (the client's clock when both run in one process): when the request
+arrived, when the response head, each output chunk and the last event (`[DONE]`, or the whole
+JSON answer) were written. A busy machine makes the sleeps overshoot, so tests of the client
+compare its measurements with these times, not with the script's.
 
 Faults: `status` answers every generation request with that HTTP status; `die_after_chunks=k`
 makes the server cut every connection and stop listening once any stream has sent k output
@@ -19,6 +24,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass
+class Exchange:
+    """One generation request as the server saw it; times are perf_counter() at each event."""
+
+    request: dict[str, Any]
+    received: float  # the request line arrived (read by the server)
+    head: float | None = None  # the response head was written
+    chunks: list[float] = field(default_factory=list)  # each output-carrying chunk was written
+    end: float | None = None  # the last event (streams: `data: [DONE]`) or the whole answer was written
 
 
 @dataclass
@@ -39,7 +55,7 @@ class FakeOpenAIServer:
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
         self.requests: list[dict[str, Any]] = []
-        self.sent: list[list[float]] = []  # per generation request: perf_counter of each output chunk
+        self.exchanges: list[Exchange] = []  # per generation request, in arrival order
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
         self._chunks_total = 0
@@ -84,6 +100,7 @@ class FakeOpenAIServer:
         try:
             while not self._dead:
                 line = await reader.readline()
+                received = time.perf_counter()
                 if not line:
                     return
                 method, path, _ = line.decode().split(" ", 2)
@@ -96,7 +113,7 @@ class FakeOpenAIServer:
                 if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
                     await self._json(writer, 401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
                     continue
-                await self._route(writer, method, path, data)
+                await self._route(writer, method, path, data, received)
         except (ConnectionError, asyncio.IncompleteReadError, OSError, asyncio.CancelledError):
             pass
         finally:
@@ -104,13 +121,16 @@ class FakeOpenAIServer:
             self._tasks.discard(task)  # type: ignore[arg-type]
             writer.transport.abort()
 
-    async def _json(self, writer: asyncio.StreamWriter, status: int, obj: Any) -> None:
+    async def _json(self, writer: asyncio.StreamWriter, status: int, obj: Any) -> float:
+        """Write a JSON answer; returns when it was written."""
         payload = json.dumps(obj).encode()
         head = f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
         writer.write(head.encode() + payload)
+        written = time.perf_counter()
         await writer.drain()
+        return written
 
-    async def _route(self, writer: asyncio.StreamWriter, method: str, path: str, data: dict) -> None:
+    async def _route(self, writer: asyncio.StreamWriter, method: str, path: str, data: dict, received: float) -> None:
         if path == "/v1/models":
             await self._json(writer, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
         elif path == "/tokenize":
@@ -120,12 +140,15 @@ class FakeOpenAIServer:
             await self._json(writer, 200, {"prompt": " ".join(self._words[t] for t in data["tokens"])})
         elif path in ("/v1/completions", "/v1/chat/completions"):
             self.requests.append(data)
+            exchange = Exchange(data, received)
+            self.exchanges.append(exchange)
             if self.script.status != 200:
-                await self._json(writer, self.script.status, {"error": {"message": "scripted failure", "type": "server_error"}})
+                error = {"error": {"message": "scripted failure", "type": "server_error"}}
+                exchange.head = exchange.end = await self._json(writer, self.script.status, error)
             elif data.get("stream"):
-                await self._stream(writer, path.endswith("chat/completions"), data)
+                await self._stream(writer, path.endswith("chat/completions"), data, exchange)
             else:
-                await self._whole(writer, path.endswith("chat/completions"), data)
+                await self._whole(writer, path.endswith("chat/completions"), data, exchange)
         else:
             await self._json(writer, 404, {"error": {"message": "no route", "type": "invalid_request_error"}})
 
@@ -145,23 +168,26 @@ class FakeOpenAIServer:
         n = self._completion_tokens()
         return {"prompt_tokens": self.script.prompt_tokens, "completion_tokens": n, "total_tokens": n + self.script.prompt_tokens}
 
-    async def _whole(self, writer: asyncio.StreamWriter, chat: bool, data: dict) -> None:
+    async def _whole(self, writer: asyncio.StreamWriter, chat: bool, data: dict, exchange: Exchange) -> None:
         await asyncio.sleep(self.script.ttft + sum(self.script.gaps))
         text = "tok " * self._completion_tokens()
         choice = {"index": 0, "finish_reason": "length"}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        await self._json(writer, 200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
-                                       "choices": [choice], "usage": self._usage()})  # fmt: skip
+        answer = {"id": "x", "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                  "usage": self._usage()}  # fmt: skip
+        exchange.head = exchange.end = await self._json(writer, 200, answer)
 
-    async def _stream(self, writer: asyncio.StreamWriter, chat: bool, data: dict) -> None:
-        times: list[float] = []
-        self.sent.append(times)
+    async def _stream(self, writer: asyncio.StreamWriter, chat: bool, data: dict, exchange: Exchange) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        exchange.head = time.perf_counter()
 
-        async def event(obj: Any) -> None:
+        async def event(obj: Any) -> float:
+            """Write one SSE event as one HTTP chunk; returns when it was written."""
             payload = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
             writer.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+            written = time.perf_counter()
             await writer.drain()
+            return written
 
         include_usage = bool((data.get("stream_options") or {}).get("include_usage")) and not self.script.omit_usage
         usage_field = {"usage": None} if include_usage else {}
@@ -175,8 +201,7 @@ class FakeOpenAIServer:
             last = i == len(delays) - 1
             choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if last and not chat else None}
             choice.update({"delta": {"content": piece}} if chat else {"text": piece})
-            times.append(time.perf_counter())
-            await event({"id": "x", "object": kind, "choices": [choice], **usage_field})
+            exchange.chunks.append(await event({"id": "x", "object": kind, "choices": [choice], **usage_field}))
             self._chunks_total += 1
             if self.script.die_after_chunks is not None and self._chunks_total >= self.script.die_after_chunks:
                 await self.stop()
@@ -185,6 +210,6 @@ class FakeOpenAIServer:
             await event({"id": "x", "object": kind, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], **usage_field})
         if include_usage:
             await event({"id": "x", "object": kind, "choices": [], "usage": self._usage()})
-        await event(b"[DONE]")
+        exchange.end = await event(b"[DONE]")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
