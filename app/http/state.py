@@ -134,12 +134,14 @@ class ServerState:
         if self.draining:  # shut down while loading
             engine.shutdown()
             return
-        self.engine = engine
         # What start-up made (model, tokenizer, libraries, the control plane: ~450k objects) lives
         # as long as the process; left to the collector, each full collection walked it all and
         # stalled the event loop for ~200 ms, every few hundred requests. Frozen, it is never
-        # scanned, and a full collection only walks what requests made since.
+        # scanned, and a full collection only walks what requests made since. Garbage left by the
+        # load is collected first (once, before /health turns ready), or frozen cycles would never go.
+        gc.collect()
         gc.freeze()
+        self.engine = engine
         logger.info(
             "model %s ready as %s (max_model_len=%s) in %.1fs",
             self.model_root, ", ".join(self.served_names), engine.max_model_len, time.monotonic() - started,
