@@ -34,6 +34,7 @@ from app.jobs.outputs import MANIFEST_NAME
 from app.jobs.runner import run_job
 from app.settings import LoraSettings, Settings, StoreSettings, get_settings
 from tests.integration.jobs_support import WorkerProcess, job_settings, make_model_folder
+from tests.lora_folders import make_gqa_lora
 
 CASES = ("conversion", "registered conversion", "native build")
 
@@ -53,32 +54,11 @@ def settings(tmp_path, monkeypatch) -> Settings:
 def sources(tmp_path, settings) -> dict[str, Path]:
     """A PEFT adapter, its base model's config, a TensorRT-LLM copy of the adapter, a model folder."""
     src = tmp_path / "src"
-    found = {**tiny_adapter(src), "model": make_model_folder(src / "model")}
+    peft, base = make_gqa_lora(src)
+    found = {"peft": peft, "base": base, "model": make_model_folder(src / "model")}
     trt = convert_lora({"source": str(found["peft"]), "name": "as-trt", "to_format": "trtllm"}, JobContext("setup", settings))
     found["trtllm"] = Path(shutil.move(trt["path"], src / "trtllm"))
     return found
-
-
-def tiny_adapter(folder: Path) -> dict[str, Path]:
-    """A rank-2 PEFT adapter on q/v of one layer, and the config.json of its (GQA) base model."""
-    import torch
-    from safetensors.torch import save_file
-
-    (folder / "peft").mkdir(parents=True)
-    (folder / "base").mkdir()
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for module, out in (("q_proj", 8), ("v_proj", 4)):
-        prefix = f"base_model.model.model.layers.0.self_attn.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = torch.randn(2, 8, generator=g)
-        tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, 2, generator=g)
-    save_file(tensors, str(folder / "peft" / "adapter_model.safetensors"))
-    (folder / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-        "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "tiny"}))  # fmt: skip
-    (folder / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 1, "intermediate_size": 16,
-        "vocab_size": 32, "head_dim": 4}))  # fmt: skip
-    return {"peft": folder / "peft", "base": folder / "base"}
 
 
 def job_params(case: str, sources: dict[str, Path]) -> tuple[str, dict[str, Any]]:
@@ -272,7 +252,8 @@ def test_a_worker_killed_after_the_rename_leaves_a_job_the_next_worker_completes
     src = tmp_path / "src"
     settings = job_settings(tmp_path / "store", database_url, redis_url)
     settings = dataclasses.replace(settings, lora=LoraSettings(roots=(src,)))
-    found = tiny_adapter(src)
+    peft, base = make_gqa_lora(src)
+    found = {"peft": peft, "base": base}
     params = {"source": str(found["peft"]), "name": f"killed-{uuid.uuid4().hex[:6]}", "to_format": "nemo",
               "base_model": str(found["base"])}  # fmt: skip
     nemo = KINDS["lora-conversion"].run(params, JobContext("setup", settings))  # a NeMo source to register from

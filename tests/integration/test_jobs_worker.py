@@ -10,14 +10,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 from sqlalchemy import select
 
 from app.db.models import BenchmarkRun, Job, LoraAdapter, ModelArtifact
 from app.db.session import sync_sessions
 from app.jobs.celery_config import TASK_NAME, make_celery
 from tests.integration.jobs_support import WorkerProcess, count, job_server, job_settings, row, submit, wait_job, wait_row
+from tests.lora_folders import make_gqa_lora
 
 VISIBILITY_S = 3  # a lost worker's task comes back after this long (production: hard limit + 600 s)
 HEARTBEAT_S = 0.5  # a running attempt's heartbeat: stale (its worker lost) after 3 of them, 1.5 s
@@ -103,32 +102,10 @@ def test_cancel_a_running_job(settings, worker_factory):
     assert count(settings, ModelArtifact, name=name) == 0
 
 
-def _tiny_peft(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for module, out in (("q_proj", 8), ("v_proj", 4)):
-        prefix = f"base_model.model.model.layers.0.self_attn.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = torch.randn(2, 8, generator=g)
-        tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, 2, generator=g)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-        "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "tiny"}))  # fmt: skip
-    return folder
-
-
-def _tiny_base(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 1,
-        "intermediate_size": 16, "vocab_size": 32, "head_dim": 4}))  # fmt: skip
-    return folder
-
-
 def test_lora_conversion_peft_to_nemo_and_back_registers_the_adapter(settings, worker_factory, tmp_path):
     pytest.importorskip("app.adapters.registry")
     worker_factory("converter")
-    source, base = _tiny_peft(tmp_path / "peft"), _tiny_base(tmp_path / "base")
+    source, base = make_gqa_lora(tmp_path)
     name = f"conv-{uuid.uuid4().hex[:6]}"
     to_nemo = {"source": str(source), "name": f"{name}-nemo", "to_format": "nemo", "base_model": str(base)}
     with job_server(settings) as client:
