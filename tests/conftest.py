@@ -108,3 +108,21 @@ def redis_url():
     client.ping()
     client.close()
     return url
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A redis-server of the module's own (tests/integration/jobs_support.RedisServer), which its
+    tests may kill and start again; skipped where redis-server is not installed."""
+    import shutil
+
+    from tests.integration.jobs_support import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

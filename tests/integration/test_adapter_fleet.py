@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.jobs_support import RedisServer
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("peft")
@@ -28,18 +27,6 @@ INTERVAL_S = 2.0  # MXEXT_RECONCILE_INTERVAL for the servers
 # One period, plus what a reconcile takes (an adapter load on a shared 2-core machine) and polling.
 CONVERGE_LIMIT_S = INTERVAL_S + 2.0
 PROMPT = [{"role": "user", "content": "Name three colours."}]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture(scope="module")

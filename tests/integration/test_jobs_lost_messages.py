@@ -4,7 +4,6 @@ workers' sweeper; a duplicate message for a job a live worker runs leaves that a
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 
@@ -15,20 +14,10 @@ from app.db.session import sync_sessions
 from app.jobs.celery_config import make_celery
 from app.jobs.dispatch import publish
 from app.jobs.sweeper import job_ids_in_broker
-from tests.integration.jobs_support import RedisServer, WorkerProcess, count, job_settings, row, wait_row
+from tests.integration.jobs_support import WorkerProcess, count, job_settings, row, wait_row
 
 # Short periods, so the test takes seconds (production: 10, 60 and 300 s).
 FAST = {"MXEXT_JOB_HEARTBEAT": "0.3", "MXEXT_JOB_SWEEP_INTERVAL": "0.5", "MXEXT_JOB_REQUEUE_AFTER": "1"}
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import shutil
 
 import pytest
 
@@ -18,18 +17,7 @@ from app.jobs.celery_config import QUEUE, make_celery
 from app.jobs.dispatch import publish
 from app.jobs.sweeper import Sweeper, job_ids_in_broker
 from app.settings import ControlPlaneSettings, Settings, StoreSettings
-from tests.integration.jobs_support import RedisServer
 from tests.unit.test_job_store import age_job
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
