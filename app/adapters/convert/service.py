@@ -73,7 +73,6 @@ def convert_lora(params: dict, ctx: JobContext) -> dict:
             write_trtllm(adapter, staging, out_dtype, tick)
         ctx.check_cancelled()
         ctx.progress(90)
-        # Before the digest, which covers every file of the folder (the registry checks it so).
         manifest = write_manifest(staging, ctx.job_id, source=params.get("source"), format=to_format,
                                   from_format=detected, rank=rank, target_modules=adapter.target_modules,
                                   base_model=adapter.base_model, converted_at=timestamp())  # fmt: skip
@@ -85,7 +84,7 @@ def convert_lora(params: dict, ctx: JobContext) -> dict:
 
 def _result(folder: Path, manifest: dict) -> dict:
     """The job's result for the output in `folder`, from its manifest and its files."""
-    files, digest = _digest(folder)
+    files, digest = folder_files(folder), folder_digest(folder)  # both leave the manifest out
     keys = ("format", "from_format", "rank", "target_modules", "base_model")
     return {"path": str(folder), **{k: manifest.get(k) for k in keys}, "sha256": digest, "files": files}
 
@@ -167,9 +166,3 @@ def _base_layout(raw: object, settings: Settings, *, required: bool) -> ModelLay
         return ModelLayout.from_hf_config(json.loads(resolved.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError) as exc:
         raise JobError(f"base_model {raw!r}: {resolved} is not a usable model config.json ({exc})") from None
-
-
-def _digest(folder: Path) -> tuple[list[str], str]:
-    """The output's file names (sorted; the hidden manifest left out) and the folder digest
-    (app.adapters.digest: every file, the manifest included)."""
-    return folder_files(folder), folder_digest(folder)
