@@ -35,9 +35,7 @@ def pull_model(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     final = ctx.settings.store.models_dir / name
     done = own_output(final, ctx.job_id, source=str(spec))  # JobError when another job's model has the name
     if done is not None:  # a redelivery after the rename but before the job row was updated
-        files = done.get("files") or []
-        return {"path": str(final), "source": str(spec), "files": files,
-                "size_bytes": sum(int(f["size"]) for f in files), "sha256": done.get("sha256")}  # fmt: skip
+        return _result(final, str(spec), done)
     ctx.check_cancelled()
 
     listing = list_source_files(spec, ctx)
@@ -55,9 +53,16 @@ def pull_model(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         manifest = write_pull_manifest(staging, str(spec), entries, ctx.job_id, **extra)
         ctx.check_cancelled()  # the last moment a cancel can still leave nothing behind
     ctx.progress(100.0)
-    size = sum(e["size"] for e in entries)
-    logger.info("pulled %s into %s (%d files, %d bytes)", spec, final, len(entries), size)
-    return {"path": str(final), "source": str(spec), "files": manifest["files"], "size_bytes": size, "sha256": manifest["sha256"]}
+    result = _result(final, str(spec), manifest)
+    logger.info("pulled %s into %s (%d files, %d bytes)", spec, final, len(entries), result["size_bytes"])
+    return result
+
+
+def _result(final: Path, source: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The pull's result, from its manifest (a fresh pull's, or the one a redelivery finds)."""
+    files = manifest.get("files") or []
+    return {"path": str(final), "source": source, "files": files,
+            "size_bytes": sum(int(f["size"]) for f in files), "sha256": manifest.get("sha256")}  # fmt: skip
 
 
 def _convert_gguf(gguf: Path, staging: Path, ctx: JobContext, where: str) -> list[dict[str, Any]]:
