@@ -107,7 +107,7 @@ class ControlPlane:
 
     async def _get_jobs(self, job_ids: list[str]) -> list[store.JobRecord | store.JobNotFound]:
         assert self.sessions is not None
-        return await store.get_jobs(self.sessions, list(job_ids))
+        return await store.get_jobs(self.sessions, job_ids)
 
     def require_sessions(self) -> async_sessionmaker[AsyncSession]:
         if self.sessions is None:

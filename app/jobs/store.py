@@ -188,11 +188,11 @@ async def create_jobs(sessions: Sessions, requests: list[NewJob]) -> list[Create
     # One microsecond apart, in request order: a listing (newest first) keeps the order in which a
     # burst arrived, where one shared timestamp would have its ties broken by random id.
     start = utcnow()
+    stamps = [start + dt.timedelta(microseconds=i) for i in range(len(requests))]
     jobs = [
-        JobRecord(uuid.uuid4(), r.kind, "queued", 0.0, r.params, None, None, r.idempotency_key, 0, None, False, now,
-                  None, None, now)
-        for i, r in enumerate(requests)
-        for now in (start + dt.timedelta(microseconds=i),)
+        JobRecord(uuid.uuid4(), r.kind, "queued", 0.0, r.params, None, None, r.idempotency_key, 0, None, False, t,
+                  None, None, t)
+        for r, t in zip(requests, stamps)
     ]  # fmt: skip
     # The unset columns (result, error, worker, started_at, finished_at) are left to the database's
     # NULL, as the ORM insert did (a None for a JSON column would be stored as JSON null).
